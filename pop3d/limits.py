@@ -1,0 +1,63 @@
+"""Every bound and default in one place, each with the reason it has that value.
+
+Kept import-free: it is loaded on the path to the greeting.
+"""
+
+# RFC 2449 section 4: a command line is at most 255 octets, CRLF included.
+MAX_COMMAND_LINE = 255
+# RFC 2449 section 4: each argument is at most 40 octets (PASS takes the rest of the line).
+MAX_ARGUMENT = 40
+# Dovecot and popa3d end a session after a handful of junk commands: a scanner costs us little.
+MAX_BAD_COMMANDS = 10
+# Message numbers beyond this many digits cannot be valid (and must not build huge ints).
+MAX_MSGNO_DIGITS = 10
+# RFC 1939 section 3: the autologout timer must be at least 10 minutes.
+DEFAULT_IDLE_TIMEOUT = 600.0
+# A whole command line must arrive within this (a byte-per-second trickle must not pin a lock).
+COMMAND_LINE_TIMEOUT = 60.0
+# A client that stops reading must not hold the maildrop lock for ever.
+WRITE_TIMEOUT = 120.0
+# Flush output once this much is buffered (large writes; fewer syscalls and packets).
+OUTPUT_FLUSH = 256 * 1024
+# Bytes read from the client per read(2).
+READ_SIZE = 64 * 1024
+# Pipelined input buffered but not yet processed: beyond this, stop reading until it drains.
+MAX_PENDING_INPUT = 64 * 1024
+# Seconds to wait for the maildrop lock before answering [IN-USE] (issue default).
+DEFAULT_LOCK_TIMEOUT = 10.0
+# A dotlock untouched this long is stale (liblockfile: 5 min; Postfix 500 s).
+DEFAULT_STALE_LOCK = 300.0
+# Refresh our own dotlock's mtime this often, well inside every MDA's stale limit (Dovecot: 2 min).
+LOCK_REFRESH_INTERVAL = 60.0
+# Delay before answering any failed authentication (slows guessing; hides which check failed).
+DEFAULT_AUTH_FAILURE_DELAY = 2.0
+# Failed authentications allowed in one session before it ends.
+DEFAULT_MAX_AUTH_FAILURES = 3
+# RFC 5034 bounds the AUTH command by RFC 2449's 255 octets, not the SASL responses after it:
+# a base64 PLAIN response with a long password needs more, but still a bound.
+MAX_SASL_LINE = 4096
+# auth: longest user name: RFC 5321's local-part bound; ample for Linux (32) and most user@domain.
+MAX_USERNAME = 64
+# auth: longest password verified; libxcrypt refuses more (CRYPT_MAX_PASSPHRASE_SIZE) and
+# sha-crypt time grows with length, so longer ones are refused before any hashing.
+MAX_PASSWORD = 512
+# auth: an htpasswd file larger than this (~100k entries) is a misconfiguration: refuse, not slurp.
+MAX_HTPASSWD_BYTES = 16 * 1024 * 1024
+# auth: bcrypt cost for new hashes: OWASP's minimum; ~50 ms in C here, like Debian's yescrypt.
+BCRYPT_COST = 10
+# auth: sha512-crypt rounds for new hashes: ~25 ms in C here; glibc's 5000 (~1 ms) is too cheap.
+SHA512_CRYPT_ROUNDS = 100_000
+# locking: first pause between lock rounds (an MDA's append usually takes milliseconds).
+LOCK_RETRY_MIN = 0.05
+# locking: longest pause between lock rounds (doubling from the minimum; a freed lock is seen fast).
+LOCK_RETRY_MAX = 0.5
+# maildrop update: bytes per read/write while journalling and moving messages (few syscalls, flat RSS).
+UPDATE_CHUNK = 1024 * 1024
+# mbox: most octets in one chunk of a message stream (RETR/TOP): few syscalls, bounded memory.
+RETR_CHUNK = 256 * 1024
+# mbox: bytes per bulk search/count window of the scanner: amortises Python's per-call cost, stays
+# in cache, and bounds RSS (scanned pages of the mapping are released behind the window).
+MBOX_SCAN_WINDOW = 512 * 1024
+# mbox: octets of From_ line + header block hashed into a UID (bounded work for a giant header).
+# Changing it renames the UIDs of messages whose headers are longer: clients re-download those.
+UID_HEADER_CAP = 64 * 1024

@@ -1,0 +1,167 @@
+"""POP3 wire format: bounded line reading, command parsing, replies, dot-stuffing.
+
+Pure byte handling, no I/O: everything here is driven by `protocol` and tested with byte strings.
+"""
+
+from __future__ import annotations
+
+from pop3d import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+
+class TooLong:
+    """Marker returned by `LineReader.next_line` for a line over the length bound (already discarded)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "TOO_LONG"
+
+
+TOO_LONG = TooLong()
+
+
+class LineReader:
+    """Split a byte stream into command lines (CRLF or bare LF), bounding every line.
+
+    A line longer than `max_line` octets (terminator included) is discarded up to its LF and
+    reported once as TOO_LONG, so a flood without newlines never grows memory.
+    """
+
+    __slots__ = ("_buf", "_discarding", "_pos", "max_line")
+
+    def __init__(self, max_line: int = limits.MAX_COMMAND_LINE) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._discarding = False
+        self.max_line = max_line
+
+    def feed(self, data: bytes) -> None:
+        if self._discarding:
+            lf = data.find(b"\n")
+            if lf < 0:
+                return
+            self._discarding = False
+            data = data[lf + 1 :]
+        self._buf += data
+
+    def pending(self) -> int:
+        """Octets received but not yet returned as lines."""
+        return len(self._buf) - self._pos
+
+    def discard(self) -> None:
+        """Drop everything buffered (bytes pipelined behind STLS must never be executed)."""
+        self._buf.clear()
+        self._pos = 0
+        self._discarding = False
+
+    def next_line(self) -> bytes | TooLong | None:
+        buf, pos = self._buf, self._pos
+        lf = buf.find(b"\n", pos, pos + self.max_line)
+        if lf < 0:
+            if len(buf) - pos >= self.max_line:
+                # Over the bound without a terminator: drop it and everything up to its LF.
+                lf = buf.find(b"\n", pos)
+                if lf < 0:
+                    self._discarding = True
+                    buf.clear()
+                    self._pos = 0
+                else:
+                    self._pos = lf + 1
+                    self._compact()
+                return TOO_LONG
+            self._compact()
+            return None
+        line = bytes(buf[pos:lf])
+        self._pos = lf + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return line
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+
+def has_control(data: bytes) -> bool:
+    """True if `data` holds a NUL, another C0 control byte or DEL (a line with one is invalid)."""
+    return bool(data.translate(None, _PRINTABLE_OR_HIGH))
+
+
+# Every byte value that may appear in a command line: space, printable ASCII, and 8-bit bytes
+# (passwords may be UTF-8). `translate` deletes these; whatever remains is a control byte.
+_PRINTABLE_OR_HIGH = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+
+
+def parse_command(line: bytes) -> tuple[bytes, list[bytes], bytes] | None:
+    """Split a command line into (KEYWORD, arguments, text after the keyword).
+
+    Returns None for a line that cannot be a command: empty, or holding a control byte (a NUL
+    must not cut `DELE 1\\0junk` into `DELE 1`). The keyword is upper-cased; arguments are split
+    on single spaces as RFC 1939 says, and the raw rest is kept for PASS, whose argument may hold
+    spaces.
+    """
+    if not line or has_control(line):
+        return None
+    keyword, _, rest = line.partition(b" ")
+    if not keyword:
+        return None
+    args = rest.split(b" ") if rest else []
+    return keyword.upper(), args, rest
+
+
+def ok(text: bytes = b"") -> bytes:
+    return b"+OK " + text + CRLF if text else b"+OK" + CRLF
+
+
+def err(text: bytes, code: bytes = b"") -> bytes:
+    """An error reply, with an RFC 2449 extended response code such as b"IN-USE" if given."""
+    if code:
+        return b"-ERR [" + code + b"] " + text + CRLF
+    return b"-ERR " + text + CRLF
+
+
+def multiline(first: bytes, lines: Iterable[bytes]) -> bytes:
+    """A complete multi-line reply whose lines are known to need no dot-stuffing (listings)."""
+    return first + b"".join(line + CRLF for line in lines) + TERMINATOR
+
+
+class DotStuffer:
+    """Dot-stuff a message already in CRLF form, chunk by chunk, correctly across chunk boundaries.
+
+    Only state needed across chunks: whether the next byte starts a line.
+    """
+
+    __slots__ = ("_at_line_start",)
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+
+    def stuff(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and out[:1] == b".":
+            out = b"." + out
+        self._at_line_start = chunk[-1:] == b"\n"
+        return out
+
+    def finish(self) -> bytes:
+        """The end of the multi-line reply (terminating the last line if the source did not)."""
+        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
+
+
+def stuff_message(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield the dot-stuffed body of a multi-line reply, the terminating `.` line included."""
+    stuffer = DotStuffer()
+    for chunk in chunks:
+        if chunk:
+            yield stuffer.stuff(chunk)
+    yield stuffer.finish()
