@@ -1,0 +1,345 @@
+"""Authentication adapter: user-name validation, htpasswd files, password hashing.
+
+Each connection is a fresh process, so import cost is latency: at load time this module imports
+only `os`, `stat` and `limits`. crypt(3), bcrypt and the one passlib handler a hash needs are
+imported when a password is checked (never `passlib.apache`: ~80 ms). Knows nothing of POP3.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from pop3d import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "Account",
+    "AuthUnavailableError",
+    "HtpasswdAuthenticator",
+    "hash_password",
+    "valid_username",
+]
+
+# Conservative on purpose: a name reaches paths (%u), log lines and PAM.
+_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-@+"
+# A hash field is printable ASCII without space or ':' (anything else is a malformed line).
+_HASH_CHARS = bytes(c for c in range(0x21, 0x7F) if c != 0x3A)
+_SALT_CHARS = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# bcrypt's 22nd salt character carries 2 bits: these are its canonical values.
+_BCRYPT_SALT_LAST = ".Oeu"
+
+# Hash prefix -> the backend used when crypt(3) is missing or refuses the hash. None: no
+# fallback ($y$ is libxcrypt-only). "bcrypt" is the C `bcrypt` package; other names are
+# passlib handlers. Prefixes absent here (plaintext, DES crypt, {SSHA}, $2x$ ...) are refused.
+_CRYPT_SCHEMES: dict[str, str | None] = {
+    "$1$": "md5_crypt",
+    "$5$": "sha256_crypt",
+    "$6$": "sha512_crypt",
+    "$y$": None,
+    "$2a$": "bcrypt",
+    "$2b$": "bcrypt",
+    "$2y$": "bcrypt",
+}
+# Schemes crypt(3) does not know: passlib, one handler imported on first use.
+_PASSLIB_SCHEMES = {"$apr1$": "apr_md5_crypt", "{SHA}": "ldap_sha1"}
+
+# Verified for an unknown user when the file has no usable entry to imitate: a bcrypt hash of
+# nothing anyone can type, at the cost new hashes get, so the miss costs what a hit would.
+_DUMMY_HASH = f"$2b${limits.BCRYPT_COST:02d}$Pop3dDummySaltForMisseoPXtQQraeCCF3Tno09tMdc1QEBau5AK"
+
+_UNSET = object()
+_crypt_fn: object = _UNSET  # Callable[[str, str], str] | None once loaded
+
+
+class AuthUnavailableError(Exception):
+    """The authentication backend is broken or unreadable: answer [SYS/TEMP], not [AUTH]."""
+
+
+class Account:
+    """Who a session becomes: uid/gid to switch to, home for `%h` (None for htpasswd users)."""
+
+    __slots__ = ("gid", "home", "name", "uid")
+
+    def __init__(self, name: str, uid: int, gid: int, home: str | None = None) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.home = home
+
+    def __repr__(self) -> str:
+        return f"Account({self.name!r}, uid={self.uid}, gid={self.gid}, home={self.home!r})"
+
+
+def valid_username(raw: bytes) -> str | None:
+    """The name as str if safe to use in a path, a log line or a PAM call, else None.
+
+    ASCII letters, digits and `._-@+` only, 1..MAX_USERNAME octets, no leading `-` (option
+    injection) or `.` (hidden files, `..`), no `..` anywhere. Everything else, including NUL,
+    controls, spaces, `/` and non-ASCII, is refused; the caller answers it like a bad password.
+    """
+    if not 0 < len(raw) <= limits.MAX_USERNAME:
+        return None
+    if raw.translate(None, _NAME_CHARS):  # something outside the set is left over
+        return None
+    if raw[:1] in (b"-", b".") or b".." in raw:
+        return None
+    return raw.decode("ascii")
+
+
+class HtpasswdAuthenticator:
+    """Checks passwords against an Apache-style htpasswd file (`user:hash` lines).
+
+    The file is read on each call: a process serves one session, so there is nothing to cache
+    and an edited file takes effect at the next connection.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def authenticate(self, name: str, password: bytes) -> bool:
+        """True if `password` matches `name`'s entry; never raises for bad input.
+
+        Unknown users, malformed entries and unknown schemes are False after the same kind of
+        hash verification a real user costs, so timing does not tell them apart. Raises
+        AuthUnavailableError only when the file (or a needed hash backend) is unusable.
+        """
+        secret = _decode_password(password)
+        if len(secret.encode("utf-8")) > limits.MAX_PASSWORD:
+            return False  # bounded hashing cost; says nothing about the user
+        data = _read_file(self.path)
+        try:
+            want: bytes | None = name.encode("utf-8")
+        except UnicodeEncodeError:
+            want = None
+        compare = _compare_fn()
+        found: str | None = None  # first entry for the name ("" if unusable)
+        template: str | None = None  # first usable hash: what a miss imitates
+        for line in data.splitlines():
+            line = line.strip()
+            if not line or line[:1] == b"#":
+                continue
+            user, sep, rest = line.partition(b":")
+            if not sep or not user:
+                continue  # not attributable to anyone: ignore
+            # A third field is nginx's comment; no supported hash contains ':'.
+            usable = _usable_hash(rest.partition(b":")[0])
+            if template is None:
+                template = usable
+            # Compare every line in constant time (loop length depends on `want` only),
+            # and do not stop at the first match.
+            if want is not None and compare(user, want) and found is None:
+                found = usable or ""
+        if found:
+            return _verify(secret, found)
+        _verify(secret, template or _DUMMY_HASH)  # spend what a real check spends
+        return False
+
+
+def hash_password(password: str, scheme: str = "bcrypt") -> str:
+    """A new hash for `pop3d-passwd`: "bcrypt" (default) or "sha512_crypt".
+
+    Both are verified by crypt(3) at C speed; costs come from `limits`. Raises ValueError for
+    an unknown scheme, a NUL, or a password longer than the scheme really uses (bcrypt: 72
+    octets; silent truncation would surprise the user).
+    """
+    secret = password.encode("utf-8")
+    if "\0" in password:
+        raise ValueError("a password cannot contain NUL")
+    if len(secret) > limits.MAX_PASSWORD:
+        raise ValueError(f"a password is at most {limits.MAX_PASSWORD} octets")
+    if scheme == "bcrypt":
+        if len(secret) > 72:
+            raise ValueError("bcrypt uses only the first 72 octets of a password")
+        last = _BCRYPT_SALT_LAST[os.urandom(1)[0] & 3]
+        setting = f"$2b${limits.BCRYPT_COST:02d}${_salt(21)}{last}"
+    elif scheme == "sha512_crypt":
+        setting = f"$6$rounds={limits.SHA512_CRYPT_ROUNDS}${_salt(16)}"
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}: use 'bcrypt' or 'sha512_crypt'")
+    hashed = None
+    crypt = _load_crypt()
+    if crypt is not None:
+        try:
+            hashed = crypt(password, setting)
+        except OSError:
+            hashed = None
+    if not hashed or hashed[0] == "*":  # crypt(3) missing or without this method
+        if scheme == "bcrypt":
+            import bcrypt
+
+            salt = bcrypt.gensalt(rounds=limits.BCRYPT_COST, prefix=b"2b")
+            hashed = bcrypt.hashpw(secret, salt).decode("ascii")
+        else:
+            from passlib.hash import sha512_crypt
+
+            hashed = sha512_crypt.using(rounds=limits.SHA512_CRYPT_ROUNDS).hash(password)
+    if not _verify(password, hashed):  # never hand out a hash we would not accept
+        raise RuntimeError("the new hash does not verify")
+    return hashed
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _decode_password(raw: bytes) -> str:
+    """UTF-8 if it is, else latin-1: every byte string gets one str, and crypt(3), bcrypt and
+    passlib then all hash the same UTF-8 octets (surrogates would make crypt(3) raise)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _read_file(path: str) -> bytes:
+    """The whole file, or AuthUnavailableError: missing, unreadable, not regular, too large."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK  # a FIFO must not hang us
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise AuthUnavailableError(f"htpasswd {path!r}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthUnavailableError(f"htpasswd {path!r}: not a regular file")
+        limit = limits.MAX_HTPASSWD_BYTES
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, max(st.st_size + 1, 4096)):
+            total += len(chunk)
+            if total > limit:
+                raise AuthUnavailableError(f"htpasswd {path!r}: larger than {limit} octets")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise AuthUnavailableError(f"htpasswd {path!r}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _usable_hash(field: bytes) -> str | None:
+    """The hash as str if well formed and of a scheme we verify, else None."""
+    if not field or field.translate(None, _HASH_CHARS):
+        return None
+    hashed = field.decode("ascii")
+    return hashed if _scheme(hashed) is not None else None
+
+
+def _scheme(hashed: str) -> str | None:
+    """The supported prefix `hashed` starts with, or None."""
+    for prefix in _CRYPT_SCHEMES:
+        if hashed.startswith(prefix):
+            return prefix
+    for prefix in _PASSLIB_SCHEMES:
+        if hashed.startswith(prefix):
+            return prefix
+    return None
+
+
+def _compare_fn() -> Callable[[bytes, bytes], bool]:
+    """hmac.compare_digest without importing hmac (which pulls hashlib/OpenSSL: ~3 ms)."""
+    try:
+        from _operator import _compare_digest  # the very function hmac re-exports
+    except ImportError:  # pragma: no cover - other interpreters
+        from hmac import compare_digest as _compare_digest
+    return _compare_digest
+
+
+def _load_crypt() -> Callable[[str, str], str] | None:
+    """libxcrypt's crypt(3) through the cheapest import that has it, or None.
+
+    `_crypt` (3.11-3.12) and `_crypt_r` (PyPI crypt-r, 3.13+) are the C functions that
+    `crypt.crypt` / `crypt_r.crypt` call for an explicit salt; the Python wrappers cost ~10 ms
+    more (random, string, re) and `crypt` warns, so they are the last resort.
+    """
+    global _crypt_fn
+    if _crypt_fn is _UNSET:
+        fn = None
+        for module in ("_crypt", "_crypt_r", "crypt_r", "crypt"):
+            try:
+                if module == "crypt":
+                    import warnings
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        fn = __import__(module).crypt
+                else:
+                    fn = __import__(module).crypt
+                break
+            except (ImportError, AttributeError):
+                continue
+        _crypt_fn = fn
+    return _crypt_fn  # type: ignore[return-value]
+
+
+def _verify(password: str, hashed: str) -> bool:
+    """True if `password` matches `hashed`; False for a mismatch or an unsupported hash.
+
+    crypt(3) first for `$1$ $5$ $6$ $y$ $2?$`: C speed, ~0.3 ms to import, and the only
+    yescrypt; passlib costs ~30 ms to import (its bcrypt ~90 ms more: a backend self-test) and
+    its sha-crypt runs in Python. The C bcrypt package or one passlib handler otherwise.
+    """
+    prefix = _scheme(hashed)
+    if prefix is None:
+        return False
+    if prefix in _PASSLIB_SCHEMES:
+        return _passlib_verify(_PASSLIB_SCHEMES[prefix], password, hashed)
+    crypt = _load_crypt()
+    if crypt is not None:
+        try:
+            result = crypt(password, hashed)
+        except ValueError:
+            return False  # NUL in the password: no stored hash can match it
+        except OSError:
+            result = None  # crypt(3) returned NULL: an old libc without this method
+        if result and result[0] != "*":  # "*0"/"*1": libxcrypt's failure tokens
+            return _compare_fn()(result.encode("ascii"), hashed.encode("ascii"))
+    fallback = _CRYPT_SCHEMES[prefix]
+    try:
+        if fallback is None:
+            raise AuthUnavailableError(f"only crypt(3) verifies {prefix} hashes")
+        if fallback == "bcrypt":
+            return _bcrypt_verify(password, hashed)
+        return _passlib_verify(fallback, password, hashed)
+    except AuthUnavailableError:
+        if crypt is not None:
+            return False  # crypt(3) refused this hash and no other backend is installed
+        raise
+
+
+def _bcrypt_verify(password: str, hashed: str) -> bool:
+    """bcrypt through the C `bcrypt` package (for a libc whose crypt(3) lacks it)."""
+    try:
+        import bcrypt
+    except ImportError as exc:
+        raise AuthUnavailableError("no bcrypt backend") from exc
+    # bcrypt reads 72 octets; the package raises beyond that where crypt(3) truncates.
+    secret = password.encode("utf-8")[:72]
+    try:
+        return bool(bcrypt.checkpw(secret, hashed.encode("ascii")))
+    except ValueError:
+        return False
+
+
+def _passlib_verify(handler_name: str, password: str, hashed: str) -> bool:
+    """One passlib handler, imported alone (the registry proxy loads just that module)."""
+    try:
+        from passlib import hash as passlib_hash
+
+        handler = getattr(passlib_hash, handler_name)
+    except (ImportError, AttributeError) as exc:
+        raise AuthUnavailableError(f"passlib cannot verify {handler_name}") from exc
+    try:
+        return bool(handler.verify(password, hashed))
+    except (ValueError, TypeError):
+        return False  # malformed hash, or a secret passlib refuses
+
+
+def _salt(length: int) -> str:
+    """`length` random characters of the crypt alphabet (64 symbols: uniform from a byte)."""
+    return "".join(_SALT_CHARS[b & 63] for b in os.urandom(length))

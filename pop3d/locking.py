@@ -1,0 +1,325 @@
+"""Mailbox locks taken the way Debian's MDAs take them: dotlock, fcntl, flock.
+
+Knows nothing of POP3. Postfix `local`, Exim `appendfile`, procmail and liblockfile agree on a
+dotlock `<mbox>.lock` beside the mailbox plus an fcntl lock on the mailbox itself; we take the
+configured methods in order, each attempt non-blocking, and drop everything we hold before
+sleeping, so a process that takes the same locks in another order can never deadlock with us.
+
+The dotlock is created NFS-safely (liblockfile's algorithm): a uniquely named temporary file in
+the same directory is `link()`ed to the lock name, and success is judged by the temporary file's
+link count (2), never by link()'s return value (an NFS retransmission can report EEXIST for a link
+that was made). The lock holds our pid and a newline, as liblockfile writes it, so `dotlockfile`
+(and its `-p` pid check) interoperate.
+
+Creating the dotlock needs write access to the spool directory. Debian's `/var/mail` is
+`root:mail 2775`: the session must keep group `mail` when it drops to the user (as Debian's MDAs
+do); otherwise creation fails with `LockPermissionError` naming the directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from . import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+METHODS = ("dotlock", "fcntl", "flock")
+# errno values of a non-blocking fcntl/flock that lost to another holder.
+_BUSY = (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class LockError(Exception):
+    """A lock could not be taken or kept for a reason other than contention."""
+
+
+class LockTimeoutError(LockError):
+    """Another process held a lock for the whole timeout: the mailbox is in use."""
+
+
+class LockPermissionError(LockError):
+    """The dotlock cannot be created: no write access to the spool directory."""
+
+
+def _noop_log(message: str) -> None:
+    pass
+
+
+def _host_tag() -> str:
+    """This host's name reduced to characters safe in a file name (for unique temp names on NFS)."""
+    name = os.uname().nodename or "localhost"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
+
+
+class MailboxLock:
+    """The configured locks on one mailbox: acquire with a bounded wait, refresh, verify, release.
+
+    `fd` is the open mailbox (O_RDWR, as fcntl write locks need); None when the mailbox does not
+    exist, in which case only the dotlock can be taken (fcntl/flock are skipped).
+    """
+
+    __slots__ = (
+        "_acquired",
+        "_dot_content",
+        "_dot_fd",
+        "_dot_id",
+        "_held",
+        "_log",
+        "busy_method",
+        "fd",
+        "lock_path",
+        "methods",
+        "path",
+        "stale",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        fd: int | None = None,
+        methods: Sequence[str] = ("dotlock", "fcntl"),
+        timeout: float = limits.DEFAULT_LOCK_TIMEOUT,
+        stale: float = limits.DEFAULT_STALE_LOCK,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        methods = tuple(methods)
+        for method in methods:
+            if method not in METHODS:
+                raise ValueError(f"unknown lock method {method!r}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"lock method listed twice: {methods!r}")
+        self.path = path
+        self.lock_path = path + ".lock"
+        self.fd = fd
+        self.methods = methods
+        self.timeout = float(timeout)
+        self.stale = float(stale)
+        self._log = log or _noop_log
+        self._held: list[str] = []
+        self._dot_fd = -1
+        self._dot_id = (0, 0)
+        self._dot_content = b""
+        self.busy_method = ""  # which lock was busy in the last failed round (for the log)
+        self._acquired = False
+
+    # ------------------------------------------------------------------ acquire
+
+    def acquire(self) -> None:
+        """Take every configured lock, retrying until the timeout; raise LockTimeoutError then."""
+        if self._acquired:
+            raise LockError("locks already held")
+        deadline = time.monotonic() + self.timeout
+        delay = limits.LOCK_RETRY_MIN
+        while True:
+            if self._try_all():
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise LockTimeoutError(
+                    f"{self.path}: {self.busy_method} lock held by another process for {self.timeout:g} s"
+                )
+            # Jitter (50-100 %) keeps two contending sessions from retrying in lockstep.
+            jitter = 0.5 + os.urandom(1)[0] / 510
+            time.sleep(min(delay * jitter, deadline - now))
+            delay = min(delay * 2, limits.LOCK_RETRY_MAX)
+
+    def _try_all(self) -> bool:
+        """One round: every method without blocking; on any miss, release what this round took."""
+        for method in self.methods:
+            try:
+                if method == "dotlock":
+                    got = self._try_dotlock()
+                elif self.fd is None:
+                    continue  # nothing to fcntl/flock: the mailbox does not exist
+                elif method == "fcntl":
+                    got = self._try_fcntl()
+                else:
+                    got = self._try_flock()
+            except BaseException:
+                self.release()
+                raise
+            if not got:
+                self.busy_method = method
+                self.release()
+                return False
+            self._held.append(method)
+        self._acquired = True
+        return True
+
+    def _try_dotlock(self) -> bool:
+        directory = os.path.dirname(self.lock_path) or "."
+        base = os.path.basename(self.lock_path)
+        suffix = f".{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}"
+        tmp = os.path.join(directory, "." + base[: 250 - len(suffix)] + suffix)
+        content = b"%d\n" % os.getpid()
+        for _ in range(2):  # a second try right after breaking a stale lock
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise self._dotlock_error(e, directory) from e
+            try:
+                os.write(fd, content)
+                link_error: OSError | None = None
+                try:
+                    os.link(tmp, self.lock_path)
+                except OSError as e:
+                    link_error = e
+                st = os.fstat(fd)  # judged by the link count, whatever link() said
+            except BaseException:
+                os.close(fd)
+                raise
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+            if st.st_nlink == 2:
+                self._dot_fd = fd
+                self._dot_id = (st.st_dev, st.st_ino)
+                self._dot_content = content
+                return True
+            os.close(fd)
+            if link_error is not None and link_error.errno != errno.EEXIST:
+                raise self._dotlock_error(link_error, directory)
+            # Our temp file's mtime is the file system's "now": no clock skew with an NFS server.
+            if not self._break_if_stale(st.st_mtime):
+                return False
+        return False
+
+    def _dotlock_error(self, e: OSError, directory: str) -> LockError:
+        if e.errno == errno.EACCES:
+            return LockPermissionError(
+                f"cannot create dotlock {self.lock_path}: no write access to {directory} "
+                "(the session must keep the spool directory's group, e.g. mail)"
+            )
+        if e.errno == errno.EPERM:
+            return LockError(f"cannot create dotlock {self.lock_path}: {e.strerror} (no hard links here?)")
+        return LockError(f"cannot create dotlock {self.lock_path}: {e.strerror or e}")
+
+    def _break_if_stale(self, fs_now: float) -> bool:
+        """Remove a dotlock untouched for longer than `stale`; True if the lock name is free now."""
+        try:
+            st = os.lstat(self.lock_path)
+        except FileNotFoundError:
+            return True
+        age = fs_now - st.st_mtime
+        if age <= self.stale or not stat.S_ISREG(st.st_mode):
+            return False
+        # Re-check just before unlinking: another breaker may have replaced it meanwhile.
+        try:
+            again = os.lstat(self.lock_path)
+        except FileNotFoundError:
+            return True
+        if (again.st_ino, again.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+            return False
+        try:
+            os.unlink(self.lock_path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        self._log(f"broke stale dotlock {self.lock_path} (untouched for {age:.0f} s > {self.stale:g} s)")
+        return True
+
+    def _try_fcntl(self) -> bool:
+        import fcntl
+
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            raise LockError(f"fcntl lock on {self.path}: {e.strerror or e}") from e
+        return True
+
+    def _try_flock(self) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            raise LockError(f"flock on {self.path}: {e.strerror or e}") from e
+        return True
+
+    # ------------------------------------------------------------ while held
+
+    @property
+    def held(self) -> bool:
+        """True between a successful acquire() and release()."""
+        return self._acquired
+
+    def refresh(self) -> bool:
+        """Touch our dotlock so no MDA judges it stale; True if every lock is still ours.
+
+        Touches our own inode through its descriptor, so a lock that was broken and re-created
+        by someone else is never touched by us.
+        """
+        if "dotlock" in self._held:
+            try:
+                os.utime(self._dot_fd)
+            except OSError:
+                return False
+        return self.verify()
+
+    def verify(self) -> bool:
+        """True if the locks are held and the dotlock (when taken) still is the file we created."""
+        if not self._acquired:
+            return False
+        if "dotlock" not in self._held:
+            return True
+        try:
+            st = os.lstat(self.lock_path)
+            if (st.st_dev, st.st_ino) != self._dot_id:
+                return False
+            return os.pread(self._dot_fd, 64, 0) == self._dot_content
+        except OSError:
+            return False
+
+    # ---------------------------------------------------------------- release
+
+    def release(self) -> None:
+        """Drop every lock we hold, in reverse order; safe to call any number of times."""
+        self._acquired = False
+        while self._held:
+            method = self._held.pop()
+            try:
+                if method == "dotlock":
+                    self._release_dotlock()
+                else:
+                    import fcntl
+
+                    if method == "fcntl":
+                        fcntl.lockf(self.fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+                    else:
+                        fcntl.flock(self.fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+            except OSError as e:
+                self._log(f"releasing {method} lock on {self.path}: {e.strerror or e}")
+
+    def _release_dotlock(self) -> None:
+        fd, self._dot_fd = self._dot_fd, -1
+        try:
+            st = os.lstat(self.lock_path)
+            if (st.st_dev, st.st_ino) == self._dot_id:
+                os.unlink(self.lock_path)
+            else:
+                self._log(f"dotlock {self.lock_path} was replaced by another process; left alone")
+        except FileNotFoundError:
+            self._log(f"dotlock {self.lock_path} was removed by another process")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> MailboxLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

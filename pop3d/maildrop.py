@@ -1,0 +1,720 @@
+"""The maildrop: one user's mbox spool opened safely, locked, scanned, and updated in place.
+
+Knows nothing of POP3. The update on QUIT (`commit`) rewrites the spool in place (same inode,
+owner, group, mode: an MDA that already opened the spool and waits for our fcntl lock must append
+to the live file, not to a replaced one) and is crash-safe through a redo journal beside the
+spool. docs/UPDATE.md states the invariants; the step numbers used by the test hook
+`POP3D_TEST_UPDATE_STOP_AFTER=N` are listed there and marked `_step(N)` below.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import time
+
+from . import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+
+    from .locking import MailboxLock
+    from .mbox import Listing
+
+JOURNAL_SUFFIX = ".pop3d-journal"
+STOP_AFTER_ENV = "POP3D_TEST_UPDATE_STOP_AFTER"
+
+_JOURNAL_MAGIC = b"pop3d journal v1"  # 16 bytes
+# magic, spool inode, P, N, S, J, m, nonce, sha256 of the new tail, number of extents
+_JOURNAL_HEADER = "<16sQQQQQQ16s32sQ"
+_NONCE_LEN = 16
+_ALIGN = 4096
+_FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
+
+
+class MaildropError(Exception):
+    """Base of every maildrop failure; the text is for the log only (it may name paths)."""
+
+
+class MaildropInUseError(MaildropError):
+    """Another process held the maildrop's locks for the whole lock timeout."""
+
+
+class MaildropFormatError(MaildropError):
+    """The spool is not an mbox (or exceeds a limit): permanent until someone repairs it."""
+
+
+class MaildropPermError(MaildropError):
+    """The spool is not something we may serve: symlink, not regular, hard-linked, foreign owner."""
+
+
+class MaildropTempError(MaildropError):
+    """An I/O failure or an aborted update; nothing was lost and a retry may succeed."""
+
+
+class _UnusableJournalError(Exception):
+    """A leftover journal that cannot be applied to this spool (kept aside for the admin)."""
+
+
+class _ShortReadError(OSError):
+    """The spool ended before bytes the update must read (someone truncated it)."""
+
+
+def _noop_log(message: str) -> None:
+    pass
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _check_file(path: str, st: os.stat_result, expected_uid: int | None) -> None:
+    """Refuse anything but a plain, singly linked regular file of the right owner."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise MaildropPermError(f"{path}: is a symbolic link")
+    if stat.S_ISDIR(mode):
+        raise MaildropPermError(f"{path}: is a directory")
+    if not stat.S_ISREG(mode):
+        raise MaildropPermError(f"{path}: is not a regular file (mode {mode:o})")
+    if st.st_nlink > 1:
+        raise MaildropPermError(f"{path}: has {st.st_nlink} hard links")
+    if expected_uid is not None and st.st_uid != expected_uid:
+        raise MaildropPermError(f"{path}: owned by uid {st.st_uid}, expected {expected_uid}")
+
+
+def _open_error(path: str, e: OSError) -> MaildropError:
+    if e.errno == errno.ELOOP:
+        return MaildropPermError(f"{path}: is a symbolic link")
+    if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENODEV):
+        return MaildropPermError(f"{path}: cannot open: {_why(e)}")
+    return MaildropTempError(f"{path}: cannot open: {_why(e)}")
+
+
+def _safe_open(path: str, expected_uid: int | None) -> int | None:
+    """The spool opened read-write without following links or blocking; None if it is missing.
+
+    lstat() first, so a FIFO or device is refused without ever being opened; fstat() after, on
+    what was really opened. O_NONBLOCK is cleared again once we know it is a regular file.
+    """
+    try:
+        _check_file(path, os.lstat(path), expected_uid)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _open_error(path, e) from e
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _open_error(path, e) from e
+    try:
+        _check_file(path, os.fstat(fd), expected_uid)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _names_file(path: str, fd: int | None) -> bool:
+    """True if `path` still names what we opened (or is still missing): nobody renamed over it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return fd is None
+    if fd is None:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino) and own.st_nlink > 0
+
+
+class Maildrop:
+    """An open, locked, scanned spool; `commit` or `close` ends it (both release the locks)."""
+
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_fd",
+        "_fmt",
+        "_head",
+        "_length",
+        "_lock",
+        "_lock_ok",
+        "_log",
+        "_tail",
+        "listing",
+        "path",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        fd: int | None,
+        buf: mmap.mmap | bytes,
+        listing: Listing,
+        lock: MailboxLock,
+        fmt: str,
+        log: Callable[[str], None],
+    ) -> None:
+        self.path = path
+        self.listing = listing
+        self._fd = fd
+        self._buf = buf
+        self._lock = lock
+        self._fmt = fmt
+        self._log = log
+        self._length = int(listing.scanned_length)
+        self._head = bytes(buf[:_FINGERPRINT])
+        self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
+        self._closed = False
+        self._lock_ok = True
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        locks: Sequence[str] = ("dotlock", "fcntl"),
+        lock_timeout: float = limits.DEFAULT_LOCK_TIMEOUT,
+        stale_lock: float = limits.DEFAULT_STALE_LOCK,
+        mbox_format: str = "mboxo",
+        expected_uid: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> Maildrop:
+        """Open safely, lock, finish any interrupted update, map and scan the spool."""
+        from .locking import LockError, LockPermissionError, LockTimeoutError, MailboxLock
+
+        log = log or _noop_log
+        deadline = time.monotonic() + lock_timeout
+        for _attempt in range(3):
+            fd = _safe_open(path, expected_uid)
+            timeout = max(0.0, deadline - time.monotonic())
+            lock = None
+            try:
+                lock = MailboxLock(path, fd, locks, timeout, stale_lock, log)
+                lock.acquire()
+                if _names_file(path, fd):
+                    break
+                lock.release()  # renamed or created while we waited: lock the new one
+            except BaseException as e:
+                if lock is not None:
+                    lock.release()
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(e, LockTimeoutError):
+                    raise MaildropInUseError(str(e)) from e
+                if isinstance(e, LockPermissionError):
+                    raise MaildropPermError(str(e)) from e
+                if isinstance(e, LockError):
+                    raise MaildropTempError(str(e)) from e
+                if isinstance(e, OSError):
+                    raise MaildropTempError(f"{path}: {_why(e)}") from e
+                raise
+            if fd is not None:
+                os.close(fd)
+        else:
+            raise MaildropTempError(f"{path}: replaced repeatedly while being locked")
+        assert lock is not None
+        try:
+            return cls._load(path, fd, lock, mbox_format, log)
+        except BaseException:
+            lock.release()
+            if fd is not None:
+                os.close(fd)
+            raise
+
+    @classmethod
+    def _load(
+        cls, path: str, fd: int | None, lock: MailboxLock, fmt: str, log: Callable[[str], None]
+    ) -> Maildrop:
+        """Under the lock: recover, then map and scan (an empty file cannot be mapped)."""
+        from . import mbox
+
+        buf: mmap.mmap | bytes = b""
+        try:
+            _recover(fd, path, log)
+            size = os.fstat(fd).st_size if fd is not None else 0
+            if size:
+                buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)  # type: ignore[arg-type]
+            listing = mbox.scan(buf, fmt)
+            return cls(path, fd, buf, listing, lock, fmt, log)
+        except BaseException as e:
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+            if isinstance(e, mbox.MboxFormatError):
+                raise MaildropFormatError(f"{path}: {e}") from e
+            if isinstance(e, OSError):
+                raise MaildropTempError(f"{path}: {_why(e)}") from e
+            if isinstance(e, MemoryError):
+                raise MaildropTempError(f"{path}: out of memory while scanning") from e
+            raise
+
+    # ----------------------------------------------------------------- session
+
+    def iter_message(self, index: int, body_lines: int | None = None) -> Iterator[bytes]:
+        """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing."""
+        from . import mbox
+
+        return mbox.iter_message(self._buf, self.listing, index, body_lines, fmt=self._fmt)
+
+    def refresh_lock(self) -> bool:
+        """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""
+        ok = self._lock.refresh() if not self._closed else False
+        if not ok and self._lock_ok and not self._closed:
+            self._log(f"{self.path}: our dotlock was broken or replaced by another process")
+        self._lock_ok = ok
+        return ok
+
+    def close(self) -> None:
+        """Release the locks (reverse order) and the spool; idempotent, never updates."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._lock.release()
+        finally:
+            buf, self._buf = self._buf, b""
+            if isinstance(buf, mmap.mmap):
+                try:
+                    buf.close()
+                except BufferError:
+                    pass  # a caller still holds a view of it; unmapped when that is collected
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def __enter__(self) -> Maildrop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ update
+
+    def commit(self, deleted: Iterable[int]) -> None:
+        """The UPDATE state: remove the `deleted` messages (0-based) in place, then release.
+
+        Raises MaildropTempError when the update was not done (nothing deleted) or, after the
+        journal was committed, could not be finished now (the next open finishes it).
+        """
+        if self._closed:
+            raise MaildropTempError(f"{self.path}: maildrop already closed")
+        try:
+            self._commit(frozenset(deleted))
+        finally:
+            self.close()
+
+    def _commit(self, deleted: frozenset[int]) -> None:
+        if not deleted:
+            return  # nothing to do: not one byte is written
+        listing = self.listing
+        count = listing.count
+        for index in deleted:
+            if not 0 <= index < count:
+                raise ValueError(f"message index {index} out of range 0..{count - 1}")
+        fd = self._fd
+        assert fd is not None  # count > 0, so the spool exists
+        if not self._lock.verify():
+            raise MaildropTempError(
+                f"{self.path}: our dotlock was broken or replaced by another process; "
+                "update aborted, nothing deleted"
+            )
+        first = min(deleted)
+        size = self._check_unchanged(first)
+        length = self._length
+        # Kept raw byte ranges after the first deleted message, adjacent ones merged.
+        extents: list[list[int]] = []
+        for index in range(first + 1, count):
+            if index in deleted:
+                continue
+            start = listing.from_offset(index)
+            end = listing.from_offset(index + 1) if index + 1 < count else length
+            if extents and extents[-1][0] + extents[-1][1] == start:
+                extents[-1][1] += end - start
+            else:
+                extents.append([start, end - start])
+        if size > length:  # appended after the scan by a writer that ignored our locks
+            self._log(f"{self.path}: {size - length} bytes appended since login; kept")
+            if extents and extents[-1][0] + extents[-1][1] == length:
+                extents[-1][1] += size - length
+            else:
+                extents.append([length, size - length])
+        _update(fd, self.path, listing.from_offset(first), [(s, n) for s, n in extents], size, self._log)
+
+    def _check_unchanged(self, first: int) -> int:
+        """The spool's current size, after proving (cheaply) nobody rewrote what we scanned."""
+        fd = self._fd
+        assert fd is not None
+        path = self.path
+        try:
+            own = os.fstat(fd)
+            named = os.lstat(path)
+        except OSError as e:
+            raise MaildropTempError(f"{path}: vanished or unreadable ({_why(e)}); update aborted") from e
+        if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
+            raise MaildropTempError(f"{path}: replaced by another program since login; update aborted")
+        length = self._length
+        if own.st_size < length:
+            raise MaildropTempError(
+                f"{path}: shrank from {length} to {own.st_size} bytes since login "
+                "(a program ignoring the locks?); update aborted, nothing written"
+            )
+        buf = self._buf
+        changed = bytes(buf[: len(self._head)]) != self._head or (
+            bytes(buf[length - len(self._tail) : length]) != self._tail
+        )
+        from_offset = self.listing.from_offset
+        for index in range(first, self.listing.count):
+            if changed:
+                break
+            offset = from_offset(index)
+            changed = buf[offset : offset + 5] != b"From " or (offset > 0 and buf[offset - 1] != 10)
+        if changed:
+            raise MaildropTempError(
+                f"{path}: rewritten since login (a program ignoring the locks?); "
+                "update aborted, nothing written"
+            )
+        return own.st_size
+
+
+# ------------------------------------------------------------------ the update engine
+
+
+def _step(number: int) -> None:
+    """Test hook: stop dead (like SIGKILL) right after step `number` of the update."""
+    if os.environ.get(STOP_AFTER_ENV) == str(number):
+        os._exit(137)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _read_runs(fd: int, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    """The bytes of (offset, length) runs of `fd`, in chunks; EIO if the file is shorter."""
+    chunk = limits.UPDATE_CHUNK
+    for offset, length in runs:
+        while length:
+            data = os.pread(fd, min(chunk, length), offset)
+            if not data:
+                raise _ShortReadError(errno.EIO, "file shorter than the update expects")
+            yield data
+            offset += len(data)
+            length -= len(data)
+
+
+def _skip_runs(extents: Sequence[tuple[int, int]], skip: int) -> Iterator[tuple[int, int]]:
+    """The extents' runs from tail offset `skip` on."""
+    for source, length in extents:
+        if skip >= length:
+            skip -= length
+            continue
+        yield source + skip, length - skip
+        skip = 0
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a create/rename/unlink in the spool's directory durable."""
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some file systems cannot sync a directory
+            raise
+    finally:
+        os.close(dfd)
+
+
+def _unlink_quiet(path: str) -> None:
+    """Best-effort clean-up (a failure here is reported by whatever fails next)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _digest(chunks: Iterable[bytes]) -> bytes:
+    import hashlib
+
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.digest()
+
+
+class _Journal:
+    """What the update will make of the spool: spool[0:P] + the tail built from `extents`.
+
+    The first J bytes of the tail are stored in the journal at `data_off` (their sources lie
+    where the new tail or the mark will be written); the rest is read from the spool at sources
+    >= N + m, which nothing touches until the truncate.
+    """
+
+    __slots__ = ("J", "N", "P", "S", "data_off", "digest", "extents", "ino", "m", "nonce")
+
+    def __init__(self, ino: int, P: int, N: int, S: int, J: int, m: int, nonce: bytes,
+                 digest: bytes, extents: Sequence[tuple[int, int]], data_off: int) -> None:  # fmt: skip
+        self.ino, self.P, self.N, self.S, self.J, self.m = ino, P, N, S, J, m
+        self.nonce, self.digest, self.extents, self.data_off = nonce, digest, extents, data_off
+
+    def mark(self) -> bytes:
+        return self.nonce[: self.m]
+
+    def pack_header(self) -> bytes:
+        import array
+        import hashlib
+        import struct
+        import sys
+
+        head = struct.pack(
+            _JOURNAL_HEADER, _JOURNAL_MAGIC, self.ino, self.P, self.N, self.S, self.J, self.m,
+            self.nonce, self.digest, len(self.extents),
+        )  # fmt: skip
+        flat = array.array("Q", [v for extent in self.extents for v in extent])
+        if sys.byteorder != "little":
+            flat.byteswap()
+        body = head + flat.tobytes()
+        return body + hashlib.sha256(body).digest()
+
+    @staticmethod
+    def header_length(extents: int) -> int:
+        import struct
+
+        return struct.calcsize(_JOURNAL_HEADER) + 16 * extents + 32
+
+    @classmethod
+    def read(cls, jfd: int) -> _Journal:
+        """Parse and check a journal; _UnusableJournalError if it is not a whole, sane one."""
+        import array
+        import hashlib
+        import struct
+        import sys
+
+        size = os.fstat(jfd).st_size
+        fixed = struct.calcsize(_JOURNAL_HEADER)
+        head = os.pread(jfd, fixed, 0)
+        if len(head) != fixed or head[:16] != _JOURNAL_MAGIC:
+            raise _UnusableJournalError("not a pop3d journal (bad magic or too short)")
+        _, ino, P, N, S, J, m, nonce, digest, count = struct.unpack(_JOURNAL_HEADER, head)
+        if count > size // 16:
+            raise _UnusableJournalError("corrupt header (extent count)")
+        raw = os.pread(jfd, 16 * count + 32, fixed)
+        if len(raw) != 16 * count + 32 or hashlib.sha256(head + raw[:-32]).digest() != raw[-32:]:
+            raise _UnusableJournalError("corrupt header (checksum)")
+        flat = array.array("Q")
+        flat.frombytes(raw[:-32])
+        if sys.byteorder != "little":
+            flat.byteswap()
+        extents = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        data_off = -(-(fixed + 16 * count + 32) // _ALIGN) * _ALIGN
+        total, previous = 0, P
+        for source, length in extents:
+            if source < previous or length == 0:
+                raise _UnusableJournalError("corrupt header (extents)")
+            total += length
+            previous = source + length
+        if not (P + total == N < S and 1 <= m <= min(_NONCE_LEN, S - N) and total >= J
+                and previous <= S and data_off + J <= size):  # fmt: skip
+            raise _UnusableJournalError("corrupt header (layout)")
+        return cls(ino, P, N, S, J, m, nonce, digest, extents, data_off)
+
+    def tail(self, fd: int, jfd: int) -> Iterator[bytes]:
+        """The new tail, in order: stored bytes from the journal, then the rest from the spool."""
+        yield from _read_runs(jfd, [(self.data_off, self.J)])
+        yield from _read_runs(fd, _skip_runs(self.extents, self.J))
+
+
+def _update(
+    fd: int, path: str, P: int, extents: list[tuple[int, int]], S: int, log: Callable[[str], None]
+) -> None:
+    """Make the spool spool[0:P] + the extents' bytes, in place and crash-safe.
+
+    `S` is the spool's current size; every extent lies in [P, S), in ascending order.
+    """
+    T = sum(length for _, length in extents)
+    N = P + T
+    if T == 0:  # only a final run of messages deleted: a truncate is atomic, no journal needed
+        try:
+            os.ftruncate(fd, P)
+            os.fsync(fd)
+        except OSError as e:
+            raise MaildropTempError(f"{path}: truncate failed ({_why(e)}); update aborted") from e
+        _step(7)
+        return
+    m = min(_NONCE_LEN, S - N)
+    # The journal stores every tail byte whose source lies below N + m (it is overwritten by the
+    # move or by the mark); the rest is referenced in place.
+    J = 0
+    for source, length in extents:
+        if source >= N + m:
+            break
+        J += min(length, N + m - source)
+    journal = _Journal(
+        os.fstat(fd).st_ino, P, N, S, J, m, b"\0" + os.urandom(_NONCE_LEN - 1), b"", extents, 0
+    )
+    journal.data_off = -(-_Journal.header_length(len(extents)) // _ALIGN) * _ALIGN
+    need = journal.data_off + J
+    jpath = path + JOURNAL_SUFFIX
+    tpath = jpath + ".tmp"
+    try:
+        vfs = os.fstatvfs(fd)
+        if vfs.f_bavail * vfs.f_frsize < need:
+            raise OSError(errno.ENOSPC, f"the journal needs {need} bytes, the file system has less")
+        _unlink_quiet(tpath)
+        jfd = os.open(tpath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise MaildropTempError(f"{path}: update aborted, nothing deleted: {_why(e)}") from e
+    committed = False
+    try:
+        try:
+            try:
+                os.posix_fallocate(jfd, 0, need)  # reserve: no ENOSPC/EDQUOT once we are writing
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                # No reservation on this file system: a write failing below still aborts cleanly.
+            import hashlib
+
+            h = hashlib.sha256()
+            done = 0
+            for data in _read_runs(fd, extents):
+                h.update(data)
+                if done < J:
+                    _pwrite_all(jfd, memoryview(data)[: J - done], journal.data_off + done)
+                done += len(data)
+            journal.digest = h.digest()
+            _pwrite_all(jfd, journal.pack_header(), 0)
+            _step(1)
+            os.fsync(jfd)
+            _step(2)
+            os.rename(tpath, jpath)  # the commit point: from here on the update is redone, never lost
+            committed = True
+            _fsync_dir(path)
+            _step(3)
+        except OSError as e:
+            # The spool has not been touched: drop the journal; nothing happened. (Should that
+            # unlink fail too, the next open rolls the untouched spool forward: also consistent.)
+            _unlink_quiet(jpath if committed else tpath)
+            raise MaildropTempError(f"{path}: update aborted, nothing deleted: {_why(e)}") from e
+        try:
+            _apply(fd, jfd, journal, path, log, recovering=False)
+        except OSError as e:
+            raise MaildropTempError(
+                f"{path}: update interrupted ({_why(e)}); journal {jpath} kept, "
+                "the next open of the maildrop completes it"
+            ) from e
+    finally:
+        os.close(jfd)
+
+
+def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None], recovering: bool) -> str:
+    """Redo a committed journal: mark, move the tail, truncate, drop the journal (idempotent).
+
+    The mark (a random nonce, first byte NUL) at offset N tells "not yet truncated" from
+    "truncated, and maybe appended to since": only a truncate removes it.
+    """
+    size = os.fstat(fd).st_size
+    marked = size >= j.N + j.m and os.pread(fd, j.m, j.N) == j.mark()
+    if recovering:
+        if not marked and size >= j.N and _digest(_read_runs(fd, [(j.P, j.N - j.P)])) == j.digest:
+            # Truncated already (whatever follows N was appended afterwards), or never needed.
+            os.fsync(fd)
+            os.unlink(path + JOURNAL_SUFFIX)
+            _fsync_dir(path)
+            return "it had already been completed"
+        try:
+            whole = _digest(j.tail(fd, jfd)) == j.digest
+        except _ShortReadError:
+            whole = False
+        if not whole:
+            raise _UnusableJournalError("the messages it would move no longer match the spool")
+    if not marked:
+        _pwrite_all(fd, j.mark(), j.N)
+        os.fdatasync(fd)
+    _step(4)
+    offset = j.P
+    for data in j.tail(fd, jfd):
+        _pwrite_all(fd, data, offset)
+        if offset == j.P:
+            _step(5)
+        offset += len(data)
+    os.fdatasync(fd)
+    _step(6)
+    size = os.fstat(fd).st_size
+    if size > j.S:
+        # Appended (by a writer ignoring the locks) during the update or after a crash: keep it.
+        log(f"{path}: {size - j.S} bytes appended during the update; kept")
+        _update(fd, path, j.N, [(j.S, size - j.S)], size, log)
+        return "completed; mail appended meanwhile kept"
+    os.ftruncate(fd, j.N)
+    os.fsync(fd)
+    _step(7)
+    os.unlink(path + JOURNAL_SUFFIX)
+    _fsync_dir(path)
+    _step(8)
+    return "completed"
+
+
+def _recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
+    """Under the lock, before scanning: finish an update a crash interrupted."""
+    jpath = path + JOURNAL_SUFFIX
+    tpath = jpath + ".tmp"
+    try:
+        os.unlink(tpath)
+        log(f"{path}: removed an uncommitted update journal (the spool was never touched)")
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log(f"{path}: cannot remove {tpath}: {_why(e)}")
+    try:
+        jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            log(f"{path}: ignoring {jpath}: a symbolic link, not our journal")
+            return
+        raise MaildropTempError(f"{path}: cannot open update journal {jpath}: {_why(e)}") from e
+    try:
+        st = os.fstat(jfd)
+        owners = {0, os.geteuid()}  # root's files cannot be planted by a member of group mail
+        if fd is not None:
+            owners.add(os.fstat(fd).st_uid)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in owners or st.st_mode & 0o022:
+            log(f"{path}: ignoring {jpath}: not a journal pop3d wrote (type, links, owner or mode)")
+            return
+        try:
+            journal = _Journal.read(jfd)
+            if fd is None:
+                raise _UnusableJournalError("the spool no longer exists")
+            if journal.ino != os.fstat(fd).st_ino:
+                raise _UnusableJournalError("the spool was replaced (another inode)")
+            outcome = _apply(fd, jfd, journal, path, log, recovering=True)
+        except _UnusableJournalError as e:
+            aside = f"{jpath}.unusable-{int(time.time())}"
+            try:
+                os.rename(jpath, aside)
+            except OSError:
+                aside = jpath
+            log(f"{path}: an interrupted update cannot be completed: {e}; journal kept as {aside}")
+            return
+        except OSError as e:
+            raise MaildropTempError(
+                f"{path}: completing an interrupted update failed ({_why(e)}); retried at next open"
+            ) from e
+        log(f"{path}: interrupted update recovered from its journal: {outcome}")
+    finally:
+        os.close(jfd)

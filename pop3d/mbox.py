@@ -1,0 +1,565 @@
+"""The mbox spool scanner: message bounds, octet sizes as sent, UIDs, and message streams.
+
+Format (mboxo / mboxrd, as MDAs write them):
+
+* A message starts at a ``From `` line at offset 0 or right after a blank line (``\\n\\n`` or
+  ``\\n\\r\\n`` before ``From ``); a ``From `` line anywhere else is body text. Content-Length is ignored.
+* Content is the bytes after the From_ line's LF up to, not including, the one blank line the MDA
+  wrote before the next From_ line; further blank lines belong to the message. The last message
+  likewise loses one trailing blank line at EOF (``\\n`` after a LF, or ``\\r\\n`` after a LF).
+  A From_ line without LF at EOF is an empty message.
+* Sent form (what ``size()`` counts and ``iter_message`` yields, before dot-stuffing): every bare LF
+  becomes CRLF, a stored CRLF stays, a bare CR stays, a final line without LF gets CRLF. mboxrd only:
+  a line matching ``>+From `` loses one ``>``. No other byte is changed.
+
+UIDs (UIDL) are computed without writing to the spool: the first 12 bytes (24 hex digits) of the
+SHA-256 of the From_ line plus the header block (up to the first blank line, capped at
+``limits.UID_HEADER_CAP`` octets) from which the headers local MUAs rewrite are removed (Status,
+X-Status, X-Keywords, X-UID, X-IMAP, X-IMAPbase, Content-Length, Lines, with their continuation
+lines; names case-insensitive). So a UID survives other messages being deleted, new mail being
+appended and a MUA marking the message read. The From_ line (sender, delivery time to the second)
+and Received/Message-ID headers make digests distinct in practice; when two messages still share a
+digest (byte-identical duplicate deliveries, or a hash collision) the 2nd, 3rd... in file order get
+``-2``, ``-3``... appended, so UIDs are always unique inside the maildrop. The one limit: deleting
+the first of two such twins renames the second (it becomes the first). SHA-256 is used because it
+is the fastest hashlib digest on CPUs with SHA extensions; its strength is not relied on. Changing
+the digest, its length or the cap renames every UID, so they are fixed for good.
+
+Memory: the listing is a few arrays (37 octets per message), never an object per message. The
+scanner and the streams read ``mmap`` buffers window by window and release the pages behind them
+(``MADV_DONTNEED``), so RSS stays flat however large the spool or message: pass a read-only
+(``ACCESS_READ``) mapping, never a private copy-on-write one with modifications.
+
+Speed: one pass, one Python iteration per message and per ``MBOX_SCAN_WINDOW``, never per line.
+Each window is cut right after its last LF (so no CRLF pair or quoted From line straddles two),
+copied once, and searched and counted in place: separators with backward ``rfind`` (CPython keys
+it on the needle's first octet, a rare LF, and it beats ``find`` here), sizes with bulk
+``bytes.count``. The floor is ``bytes.count(b"\\n")``, a scalar loop in CPython 3.11.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+
+from pop3d import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from re import Pattern
+
+    Buffer = bytes | bytearray | mmap.mmap
+
+__all__ = ["Listing", "MboxFormatError", "iter_message", "scan"]
+
+_DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
+_PAGE_MASK = ~(mmap.PAGESIZE - 1)
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+# Pages just read stay mapped this far behind the reader, and a finished stream releases this far
+# around itself: a page fault maps its neighbours too (fault-around, 64 KiB; or a whole large folio,
+# up to 2 MiB, on ext4/xfs with large folios), which must not re-map pages already released.
+_MAP_MARGIN = 2 * 1024 * 1024
+
+
+class MboxFormatError(Exception):
+    """The data is not an mbox spool (it does not start with a From_ line)."""
+
+
+class Listing:
+    """Bounds, sent sizes and UIDs of the messages of one scanned spool (0-based indexes).
+
+    Offsets are into the scanned buffer: ``from_offset(i)`` is the From_ line, content is
+    ``[start(i), end(i))``; ``from_offset(count)`` is ``scanned_length``, so a message with its
+    separator is ``[from_offset(i), from_offset(i + 1))``.
+    """
+
+    __slots__ = (
+        "_digests",
+        "_dups",
+        "_end",
+        "_seplen",
+        "_size",
+        "_start",
+        "count",
+        "scanned_length",
+        "total_size",
+    )
+
+    def __init__(
+        self,
+        start: array,
+        end: array,
+        size: array,
+        seplen: bytearray,
+        digests: bytearray,
+        dups: dict[int, int],
+        scanned_length: int,
+    ) -> None:
+        self._start = start
+        self._end = end
+        self._size = size
+        self._seplen = seplen  # octets of the blank separator line after end(i): 0 for the last
+        self._digests = digests  # _DIGEST_SIZE octets per message
+        self._dups = dups  # index -> occurrence number (2, 3...) of a repeated digest
+        self.count = len(size)
+        self.total_size = sum(size)
+        self.scanned_length = scanned_length
+
+    def _check(self, index: int) -> None:
+        # A negative index would silently address the last messages ("DELE 0" bugs): refuse it.
+        if not 0 <= index < self.count:
+            raise IndexError("message index out of range")
+
+    def size(self, index: int) -> int:
+        """Octets RETR sends for the message, before dot-stuffing and the final ".\\r\\n"."""
+        self._check(index)
+        return self._size[index]
+
+    def uid(self, index: int) -> bytes:
+        """The message's unique-id: 24 hex digits, maybe "-N" (see the module docstring)."""
+        self._check(index)
+        at = index * _DIGEST_SIZE
+        uid = self._digests[at : at + _DIGEST_SIZE].hex().encode("ascii")
+        nth = self._dups.get(index)
+        return uid if nth is None else b"%s-%d" % (uid, nth)
+
+    def start(self, index: int) -> int:
+        """Offset of the first content octet (just after the From_ line's LF)."""
+        self._check(index)
+        return self._start[index]
+
+    def end(self, index: int) -> int:
+        """Offset just past the content (the separator blank line, if any, starts here)."""
+        self._check(index)
+        return self._end[index]
+
+    def from_offset(self, index: int) -> int:
+        """Offset of the message's From_ line; ``from_offset(count)`` is ``scanned_length``."""
+        if index == self.count:
+            return self.scanned_length
+        self._check(index)
+        if index == 0:
+            return 0
+        return self._end[index - 1] + self._seplen[index - 1]
+
+
+def _is_rd(fmt: str) -> bool:
+    if fmt == "mboxo":
+        return False
+    if fmt == "mboxrd":
+        return True
+    raise ValueError(f"unknown mbox format {fmt!r}")
+
+
+_regex_cache: tuple[Pattern[bytes], ...] = ()
+
+
+def _regexes() -> tuple[Pattern[bytes], ...]:
+    """Compiled lazily: `re` costs start-up time and is only needed after login."""
+    global _regex_cache
+    if not _regex_cache:
+        import re
+
+        _regex_cache = (
+            re.compile(rb">+From "),  # mboxrd quoted From_ line at a known line start
+            re.compile(rb"\n>(>*From )"),  # ... inside a window, unquoted by sub(rb"\n\1")
+            re.compile(  # headers local MUAs add or rewrite, with continuation lines
+                rb"\n(?=[SsXxCcLl])(?:status|x-status|x-keywords|x-uid|x-imap(?:base)?|content-length|lines)"
+                rb"[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*",
+                re.IGNORECASE,
+            ),
+        )
+    return _regex_cache
+
+
+def _releaser(buf: Buffer) -> Callable[[int, int], None] | None:
+    """A function dropping [lo, hi) of a mapping from our RSS (the pages stay in the page cache)."""
+    if _MADV_DONTNEED is None or not isinstance(buf, mmap.mmap):
+        return None
+    madvise = buf.madvise
+    size = len(buf)
+
+    def release(lo: int, hi: int) -> None:
+        lo = (lo if lo > 0 else 0) & _PAGE_MASK
+        if hi > size:
+            hi = size
+        if hi > lo:
+            madvise(_MADV_DONTNEED, lo, hi - lo)
+
+    return release
+
+
+def _find_lf(buf: Buffer, start: int, end: int, w: int, release: Callable[[int, int], None] | None) -> int:
+    """buf.find(b"\\n", start, end), a window at a time: a huge From_ line is not mapped at once."""
+    while start < end:
+        stop = start + w if start + w < end else end
+        k = buf.find(b"\n", start, stop)
+        if k >= 0:
+            return k
+        if release is not None:
+            release(start - _MAP_MARGIN, stop - _MAP_MARGIN)
+        start = stop
+    return -1
+
+
+def _blank_line(
+    buf: Buffer, start: int, end: int, w: int, release: Callable[[int, int], None] | None = None
+) -> int:
+    """Offset of the first empty line (LF or CRLF after a LF) within [start, end), or -1.
+
+    start is the offset of a LF (the From_ line's). Searched in growing steps so that neither form
+    is looked for far beyond where the other is found (a CRLF header has no "\\n\\n" at all).
+    """
+    step = 4096 if w > 4096 else w
+    lo = start
+    while lo < end:
+        hi = lo + step if lo + step < end else end
+        x = buf.find(b"\n\n", lo, hi)
+        y = buf.find(b"\n\r\n", lo, x + 2 if x >= 0 else hi)
+        if y >= 0:
+            return y + 1
+        if x >= 0:
+            return x + 1
+        if hi == end:
+            return -1
+        if release is not None:
+            release(lo - _MAP_MARGIN, hi - _MAP_MARGIN)
+        lo = hi - 2  # overlap: an empty line may straddle the steps
+        if step < w:
+            step <<= 2
+    return -1
+
+
+def _quoted_lines(chunk: bytes, a: int, b: int) -> list[int]:
+    """Starts of the lines matching ">+From " that begin in chunk[a:b] (whole lines, a line start).
+
+    One rfind per ">From" (rare; backwards, like the separators, and without the space that
+    defeats CPython's skip filter) and a check that only ">"s precede it on its line.
+    """
+    found = []
+    first = a - 1 if a else 0
+    h = chunk.rfind(b">From", a, b)  # a line starting in the window ends in it
+    while h >= 0:
+        if chunk[h + 5 : h + 6] == b" ":
+            start = chunk.rfind(b"\n", first, h) + 1
+            if start and chunk.count(b">", start, h) == h - start:
+                found.append(start)
+        h = chunk.rfind(b">From", a, h + 4)
+    found.reverse()
+    return found
+
+
+def _dedup(digests: bytearray, count: int) -> dict[int, int]:
+    """Occurrence numbers (2, 3...) of repeated digests by index; first occurrences are absent.
+
+    Open addressing over digest indexes (4 octets a slot, load <= 1/2) rather than a set of bytes
+    objects (~80 octets each): peak RSS must not grow with the number of messages.
+    """
+    dups: dict[int, int] = {}
+    table = array("I", [0]) * (1 << (2 * count).bit_length())
+    mask = len(table) - 1
+    seen: dict[int, int] = {}  # first index of a repeated digest -> occurrences so far
+    size = _DIGEST_SIZE
+    for i in range(count):
+        at = i * size
+        digest = digests[at : at + size]
+        slot = int.from_bytes(digest, "little") & mask
+        while True:
+            j = table[slot]
+            if not j:
+                table[slot] = i + 1
+                break
+            j -= 1
+            if digests[j * size : j * size + size] == digest:
+                nth = seen.get(j, 1) + 1
+                seen[j] = nth
+                dups[i] = nth
+                break
+            slot = (slot + 1) & mask
+    return dups
+
+
+def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
+    """Scan a whole spool (a read-only mmap, or bytes) into a Listing.
+
+    Raises MboxFormatError when non-empty data does not start with a From_ line, ValueError for an
+    unknown fmt ("mboxo" or "mboxrd").
+    """
+    rd = _is_rd(fmt)
+    n = len(buf)
+    if not n:
+        return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
+    if buf[:5] != b"From ":
+        raise MboxFormatError("not an mbox spool: no From_ line at the start")
+    import hashlib
+
+    w = max(limits.MBOX_SCAN_WINDOW, 4)
+    cap = max(limits.UID_HEADER_CAP, 1)
+    rx_start, _, rx_volatile = _regexes()
+    strip_volatile = rx_volatile.sub
+    sha256 = hashlib.sha256
+    release = _releaser(buf)
+    starts = array("Q")
+    ends = array("Q")
+    sizes = array("Q")
+    seplen = bytearray()
+    digests = bytearray()
+
+    def begin(q: int, s: int, chunk: bytes, base: int) -> None:
+        """Digest of a new message's From_ line + header block, read while its pages are hot.
+
+        Searched in the window when it holds the header (chunk offsets from base), else in buf.
+        Not bounded by the content end (unknown yet): the first empty line after the From_ line
+        is in the header, or it is the separator (or trailing) blank line: the same block.
+        """
+        hl = s + 2 * cap if s + 2 * cap < n else n
+        top = hl - base
+        blank = _blank_line(chunk, s - 1 - base, top if top < len(chunk) else len(chunk), w)
+        if blank >= 0:
+            block = chunk[q - base : blank]
+        elif top <= len(chunk):
+            block = chunk[q - base : top]
+        else:  # the header runs past the window
+            blank = _blank_line(buf, s - 1, hl, w)
+            block = buf[q : blank if blank >= 0 else hl]
+        digests.extend(sha256(strip_volatile(b"", block)[:cap]).digest()[:_DIGEST_SIZE])
+
+    # The message being scanned: From_ line at q, content from s; counts over [q, here).
+    s = _find_lf(buf, 0, n, w, release) + 1 or n  # no LF at all: a lone empty message
+    begin(0, s, b"", 0)
+    from_crlf = buf[s - 2] == 13
+    lf = crlf = quoted = 0
+    released = 0
+    lo = 0
+    while lo < n:
+        # Window [lo, hi): cut right after its last LF, so no CRLF pair and no quoted From line
+        # straddles two windows; a line longer than the window is cut (never after a CR).
+        hi = lo + w
+        lined = True
+        if hi >= n:
+            hi = n
+        else:
+            k = buf.rfind(b"\n", lo, hi)
+            if k >= 0:
+                hi = k + 1
+            else:
+                lined = False
+                if buf[hi - 1] == 13:
+                    hi -= 1
+        base = lo - 2 if lo >= 2 else 0  # two octets of look-behind for "\n\r\nFrom "
+        chunk = buf[base : hi + 5]  # five of look-ahead for "From " after a LF at hi - 1
+        a = lo - base
+        b = hi - base
+        cr = b"\r" in chunk
+        quotes = ()  # mboxrd: chunk offsets of the lines matching ">+From " that start in the window
+        if rd:
+            if lined:
+                quotes = _quoted_lines(chunk, a, b)
+            elif lo and chunk[a - 1] == 10 and buf[lo] == 62 and rx_start.match(buf, lo):
+                quoted += 1  # a line longer than the window: ask buf, the window may hold only ">"
+        qi = 0
+
+        # Separators in the window (chunk offsets of the LF before "From "), found backwards:
+        # CPython's rfind keys on the needle's first octet (LF, rare) and beats find here.
+        seps = []
+        if cr:
+            r = chunk.rfind(b"\nF", a, b + 1)
+            while r >= 0:
+                if chunk[r + 1 : r + 6] == b"From " and (
+                    chunk[r - 1] == 10 or (chunk[r - 1] == 13 and chunk[r - 2] == 10)
+                ):
+                    seps.append(r)
+                r = chunk.rfind(b"\nF", a, r + 1)
+        else:
+            first = a - 1 if a else 0
+            r = chunk.rfind(b"\n\nF", first, b + 1)  # the LF before "From " at most at hi - 1
+            while r >= 0:
+                if chunk[r + 2 : r + 7] == b"From ":
+                    seps.append(r + 1)
+                r = chunk.rfind(b"\n\nF", first, r + 2)
+
+        cur = a
+        for j in reversed(seps):
+            lf += chunk.count(b"\n", cur, j + 1)
+            if cr:
+                crlf += chunk.count(b"\r\n", cur, j + 1)
+            while qi < len(quotes) and quotes[qi] < j:
+                quoted += 1
+                qi += 1
+            p = base + j
+            e = p if chunk[j - 1] == 10 else p - 1
+            # Sent size: content, plus a CR per bare LF, minus one ">" per quoted From line. The
+            # counts cover From_ line + content + separator: take out the From_ line's LF (and CR)
+            # and the separator's LF (and CR).
+            sizes.append((e - s) + (lf - 2) - (crlf - from_crlf - (p - e)) - quoted)
+            starts.append(s)
+            ends.append(e)
+            seplen.append(p + 1 - e)
+            q = p + 1
+            k = chunk.find(b"\n", j + 1)
+            s = (base + k if k >= 0 else _find_lf(buf, base + len(chunk), n, w, release)) + 1 or n
+            begin(q, s, chunk, base)
+            from_crlf = buf[s - 2] == 13
+            lf = crlf = quoted = 0
+            cur = j + 1
+        lf += chunk.count(b"\n", cur, b)
+        if cr:
+            crlf += chunk.count(b"\r\n", cur, b)
+        quoted += len(quotes) - qi
+        lo = hi
+        del chunk  # before the next window is copied: one window of memory, not two
+        # Release what is behind us, keeping a margin: the kernel maps a fault's neighbours too.
+        if release is not None and lo - _MAP_MARGIN - released >= w:
+            cut = (lo - _MAP_MARGIN) & _PAGE_MASK
+            release(released, cut)
+            released = cut
+
+    # The last message: no separator; one trailing blank line is dropped.
+    e = n
+    if s >= n:
+        size = 0
+        s = e = n
+    else:
+        trail_lf = trail_crlf = 0
+        if buf[n - 1] == 10:
+            if buf[n - 2] == 10:
+                e, trail_lf = n - 1, 1
+            elif n - s >= 2 and buf[n - 2] == 13 and buf[n - 3] == 10:
+                e, trail_lf, trail_crlf = n - 2, 1, 1
+        size = (e - s) + (lf - 1 - trail_lf) - (crlf - from_crlf - trail_crlf) - quoted
+        if buf[e - 1] != 10 and e > s:
+            size += 2  # a final line without LF is sent with CRLF
+    sizes.append(size)
+    starts.append(s)
+    ends.append(e)
+    seplen.append(0)
+    if release is not None:
+        release(released, n)
+    return Listing(starts, ends, sizes, seplen, digests, _dedup(digests, len(sizes)), n)
+
+
+def _header_end(buf: Buffer, s: int, e: int, w: int, release: Callable[[int, int], None] | None) -> int:
+    """Offset just past the first empty line of the content [s, e), or e if there is none."""
+    if s >= e:
+        return e
+    blank = _blank_line(buf, s - 1, e, w, release)  # from the From_ line's LF: "\\n" first line too
+    if blank < 0:
+        return e
+    return blank + 1 if buf[blank] == 10 else blank + 2
+
+
+def _nth_lf(chunk: bytes, nth: int) -> int:
+    """Index of the nth (1-based) LF of chunk, which has at least nth: bisect with bulk counts."""
+    lo, hi = 0, len(chunk)
+    while nth > 32:
+        mid = (lo + hi) >> 1
+        k = chunk.count(b"\n", lo, mid)
+        if k >= nth:
+            hi = mid
+        else:
+            nth -= k
+            lo = mid
+    j = lo - 1
+    for _ in range(nth):
+        j = chunk.find(b"\n", j + 1)
+    return j
+
+
+def _skip_lines(
+    buf: Buffer, h: int, e: int, lines: int, w: int, release: Callable[[int, int], None] | None
+) -> int:
+    """Offset just past `lines` more lines from h (a line start), at most e."""
+    if not lines:
+        return h
+    pos = h
+    while pos < e:
+        lim = pos + w if pos + w < e else e
+        chunk = buf[pos:lim]
+        k = chunk.count(b"\n")
+        if k >= lines:
+            return pos + _nth_lf(chunk, lines) + 1
+        lines -= k
+        if release is not None:
+            release(pos - _MAP_MARGIN, lim - _MAP_MARGIN)
+        pos = lim
+    return e
+
+
+def iter_message(
+    buf: Buffer, listing: Listing, index: int, body_lines: int | None = None, fmt: str = "mboxo"
+) -> Iterator[bytes]:
+    """Stream message `index` in sent form, in chunks of at most limits.RETR_CHUNK octets.
+
+    With body_lines (TOP): the header block up to and including the first empty line (the whole
+    message if it has none), then at most body_lines more lines. The whole message yields exactly
+    listing.size(index) octets. No dot-stuffing (that is the wire's job). Arguments are checked
+    now, not at the first next().
+    """
+    rd = _is_rd(fmt)
+    s = listing.start(index)
+    e = listing.end(index)
+    if listing.scanned_length > len(buf):
+        raise ValueError("the listing does not belong to this buffer")
+    chunk_size = max(limits.RETR_CHUNK, 1)
+    release = _releaser(buf)
+    t = e
+    if body_lines is not None:
+        if body_lines < 0:
+            raise ValueError("body_lines must be >= 0")
+        w = max(limits.MBOX_SCAN_WINDOW, 4)
+        t = _skip_lines(buf, _header_end(buf, s, e, w, release), e, body_lines, w, release)
+    return _stream(buf, s, t, e, rd, chunk_size, release)
+
+
+def _stream(
+    buf: Buffer, s: int, t: int, e: int, rd: bool, chunk_size: int, release: Callable[[int, int], None] | None
+) -> Iterator[bytes]:
+    """Sent form of content [s, t) of a message whose content ends at e."""
+    rx_start = rx_sub = None
+    if rd:
+        rx_start, rx_sub, _ = _regexes()
+    # Read windows leave room for LF -> CRLF growth, so one window is usually one chunk.
+    r = chunk_size - (chunk_size >> 3)
+    if r < 2:
+        r = 2
+    pos = s
+    try:
+        while pos < t:
+            lim = pos + r
+            if lim >= t:
+                lim = t
+            else:
+                k = buf.rfind(b"\n", pos, lim)
+                if k >= 0:
+                    lim = k + 1  # whole lines: no CRLF pair or ">From" prefix is cut
+                elif buf[lim - 1] == 13:
+                    lim -= 1  # a line longer than the window: never split CR from its LF
+            if (
+                rx_start is not None
+                and buf[pos] == 62
+                and (pos == s or buf[pos - 1] == 10)
+                and rx_start.match(buf, pos, t)
+            ):
+                pos += 1  # mboxrd: unquote a line at the window start (may be all ">": ask buf)
+            chunk = buf[pos:lim]
+            if rx_sub is not None and b">From " in chunk:
+                chunk = rx_sub.sub(rb"\n\1", chunk)
+            if b"\r" in chunk:
+                chunk = chunk.replace(b"\r\n", b"\n")
+            chunk = chunk.replace(b"\n", b"\r\n")
+            if release is not None:
+                release(pos - _MAP_MARGIN, lim - _MAP_MARGIN)
+            pos = lim
+            if len(chunk) <= chunk_size:
+                if chunk:
+                    yield chunk
+            else:
+                for k in range(0, len(chunk), chunk_size):
+                    yield chunk[k : k + chunk_size]
+        if t == e and e > s and buf[e - 1] != 10:
+            yield b"\r\n"  # a final line without LF
+    finally:
+        # Also when abandoned (client gone): leave nothing of this message mapped.
+        if release is not None:
+            release(s - _MAP_MARGIN, e + _MAP_MARGIN)

@@ -1,0 +1,311 @@
+"""pop3d.locking against real second processes and real tools (dotlockfile from liblockfile-bin).
+
+Every contender is a separate process: fcntl locks are per process, so a lock held by this
+test process itself would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pop3d.locking import LockError, LockPermissionError, LockTimeoutError, MailboxLock
+
+IS_ROOT = os.geteuid() == 0
+DOTLOCKFILE = shutil.which("dotlockfile")
+needs_dotlockfile = pytest.mark.skipif(
+    DOTLOCKFILE is None, reason="dotlockfile not installed (apt-get install liblockfile-bin)"
+)
+
+HOLDER = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    if sys.argv[2] == "fcntl":
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()          # hold until the test closes our stdin
+    """
+)
+
+
+class Holder:
+    """Another process holding an fcntl or flock lock on a file until stopped."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"locked\n"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def mbox(tmp_path: Path) -> Path:
+    path = tmp_path / "alice"
+    path.write_bytes(b"From a Thu Nov 26 10:00:00 2026\n\nhi\n\n")
+    return path
+
+
+def leftovers(directory: Path, keep: set[str]) -> set[str]:
+    return set(os.listdir(directory)) - keep
+
+
+def run_dotlockfile(*args: str) -> int:
+    assert DOTLOCKFILE is not None
+    return subprocess.run([DOTLOCKFILE, *args], capture_output=True, timeout=30).returncode
+
+
+def test_dotlock_holds_our_pid_and_leaves_nothing_behind(mbox: Path) -> None:
+    fd = os.open(mbox, os.O_RDWR)
+    lock = MailboxLock(str(mbox), fd)
+    lock.acquire()
+    try:
+        lock_file = Path(str(mbox) + ".lock")
+        assert lock_file.read_bytes() == b"%d\n" % os.getpid()  # as liblockfile writes it
+        assert leftovers(mbox.parent, {"alice", "alice.lock"}) == set()  # temp name removed
+        assert lock.held and lock.verify()
+    finally:
+        lock.release()
+        lock.release()  # idempotent
+        os.close(fd)
+    assert not lock_file.exists()
+    assert not lock.held and not lock.verify()
+
+
+def test_unknown_or_repeated_method_is_refused(mbox: Path) -> None:
+    with pytest.raises(ValueError):
+        MailboxLock(str(mbox), None, ("dotlock", "lockf"))
+    with pytest.raises(ValueError):
+        MailboxLock(str(mbox), None, ("fcntl", "fcntl"))
+
+
+@pytest.mark.parametrize("kind", ["fcntl", "flock"])
+def test_lock_held_by_another_process_times_out(mbox: Path, kind: str) -> None:
+    holder = Holder(mbox, kind)
+    fd = os.open(mbox, os.O_RDWR)
+    try:
+        lock = MailboxLock(str(mbox), fd, ("dotlock", kind), timeout=0.4)
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError, match=kind):
+            lock.acquire()
+        elapsed = time.monotonic() - started
+        assert 0.4 <= elapsed < 3
+        # Between rounds everything is released: no dotlock of ours is left behind.
+        assert not Path(str(mbox) + ".lock").exists()
+        holder.stop()
+        lock.acquire()  # free now
+        lock.release()
+    finally:
+        holder.stop()
+        os.close(fd)
+
+
+def test_waits_for_a_lock_released_within_the_timeout(mbox: Path) -> None:
+    holder = Holder(mbox, "fcntl")
+    fd = os.open(mbox, os.O_RDWR)
+    try:
+        lock = MailboxLock(str(mbox), fd, timeout=10)
+        started = time.monotonic()
+        import threading
+
+        threading.Timer(0.3, holder.stop).start()
+        lock.acquire()
+        assert 0.25 < time.monotonic() - started < 3
+        lock.release()
+    finally:
+        holder.stop()
+        os.close(fd)
+
+
+def test_missing_mailbox_is_locked_by_dotlock_only(tmp_path: Path) -> None:
+    path = tmp_path / "nobody-here"
+    lock = MailboxLock(str(path), None, ("dotlock", "fcntl", "flock"))
+    lock.acquire()
+    assert Path(str(path) + ".lock").exists() and not path.exists()
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
+@needs_dotlockfile
+def test_dotlockfile_lock_makes_us_wait_then_fail(mbox: Path) -> None:
+    lock_name = str(mbox) + ".lock"
+    assert run_dotlockfile("-l", lock_name) == 0
+    fd = os.open(mbox, os.O_RDWR)
+    try:
+        lock = MailboxLock(str(mbox), fd, timeout=0.5)
+        with pytest.raises(LockTimeoutError, match="dotlock"):
+            lock.acquire()
+        assert Path(lock_name).exists()  # theirs, untouched
+        assert run_dotlockfile("-u", lock_name) == 0
+        lock.acquire()
+        lock.release()
+    finally:
+        os.close(fd)
+
+
+@needs_dotlockfile
+def test_our_lock_makes_dotlockfile_fail(mbox: Path) -> None:
+    lock_name = str(mbox) + ".lock"
+    lock = MailboxLock(str(mbox), None, ("dotlock",))
+    lock.acquire()
+    try:
+        assert run_dotlockfile("-r", "0", "-l", lock_name) != 0
+        assert run_dotlockfile("-p", "-r", "0", "-l", lock_name) != 0  # pid check: we are alive
+        assert run_dotlockfile("-r", "2", "-i", "0", "-l", lock_name) != 0  # fresh: not stale
+        assert lock.verify()
+    finally:
+        lock.release()
+    assert run_dotlockfile("-r", "0", "-l", lock_name) == 0
+    assert run_dotlockfile("-u", lock_name) == 0
+
+
+@needs_dotlockfile
+def test_refresh_keeps_dotlockfile_from_breaking_an_idle_lock(mbox: Path) -> None:
+    """liblockfile breaks a dotlock untouched for 5 minutes; we age ours instead of waiting."""
+    lock_name = str(mbox) + ".lock"
+    lock = MailboxLock(str(mbox), None, ("dotlock",))
+    lock.acquire()
+    try:
+        long_ago = time.time() - 400
+        os.utime(lock_name, (long_ago, long_ago))  # a long idle session without refresh ...
+        assert lock.refresh()  # ... but the session refreshes
+        assert os.stat(lock_name).st_mtime > time.time() - 60
+        # With retries (it breaks stale locks between tries, here without sleeping) it still fails.
+        assert run_dotlockfile("-r", "2", "-i", "0", "-l", lock_name) != 0
+        assert lock.verify()
+        # Without the refresh, dotlockfile breaks it, and verify() notices.
+        os.utime(lock_name, (long_ago, long_ago))
+        assert run_dotlockfile("-r", "2", "-i", "0", "-l", lock_name) == 0
+        assert not lock.verify()
+        assert not lock.refresh()  # touching our orphaned inode does not make it ours again
+    finally:
+        lock.release()
+    assert Path(lock_name).exists()  # dotlockfile's lock is not ours to remove
+    assert run_dotlockfile("-u", lock_name) == 0
+
+
+def test_stale_dotlock_is_broken_with_a_log_line(mbox: Path) -> None:
+    lock_name = Path(str(mbox) + ".lock")
+    lock_name.write_bytes(b"99999\n")
+    long_ago = time.time() - 30
+    os.utime(lock_name, (long_ago, long_ago))
+    messages: list[str] = []
+    lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=2, stale=10, log=messages.append)
+    lock.acquire()
+    try:
+        assert lock_name.read_bytes() == b"%d\n" % os.getpid()
+        assert any("stale" in m and str(lock_name) in m for m in messages)
+    finally:
+        lock.release()
+
+
+def test_fresh_foreign_dotlock_is_not_broken(mbox: Path) -> None:
+    lock_name = Path(str(mbox) + ".lock")
+    lock_name.write_bytes(b"0\n")
+    lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=0.3, stale=10)
+    with pytest.raises(LockTimeoutError):
+        lock.acquire()
+    assert lock_name.read_bytes() == b"0\n"
+
+
+def test_verify_detects_a_broken_and_replaced_dotlock(mbox: Path) -> None:
+    lock_name = Path(str(mbox) + ".lock")
+    messages: list[str] = []
+    lock = MailboxLock(str(mbox), None, ("dotlock",), log=messages.append)
+    lock.acquire()
+    assert lock.verify()
+    lock_name.unlink()
+    lock_name.write_bytes(b"%d\n" % os.getpid())  # same content, another file
+    assert not lock.verify()
+    lock.release()
+    assert lock_name.exists()  # someone else's now: never removed by us
+    assert any("replaced" in m for m in messages)
+
+
+ORDER_WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, sys.argv[4])
+    from pop3d.locking import MailboxLock
+    path, order, marker = sys.argv[1], tuple(sys.argv[2].split(",")), sys.argv[3]
+    fd = os.open(path, os.O_RDWR)
+    for _ in range(25):
+        lock = MailboxLock(path, fd, order, timeout=30)
+        lock.acquire()
+        m = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # fails if both hold the locks
+        time.sleep(0.002)
+        os.close(m)
+        os.unlink(marker)
+        lock.release()
+    """
+)
+
+
+def test_opposite_lock_orders_neither_deadlock_nor_overlap(mbox: Path) -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    marker = str(mbox.parent / "inside")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", ORDER_WORKER, str(mbox), order, marker, root])
+        for order in ("dotlock,fcntl", "fcntl,dotlock", "dotlock,fcntl,flock", "flock,fcntl,dotlock")
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    assert leftovers(mbox.parent, {"alice"}) == set()
+
+
+def test_no_write_access_to_the_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "mail"
+    spool_dir.mkdir()
+    (spool_dir / "alice").write_bytes(b"")
+    spool_dir.chmod(0o755)
+    path = str(spool_dir / "alice")
+    if not IS_ROOT:
+        spool_dir.chmod(0o555)
+        try:
+            with pytest.raises(LockPermissionError, match="group"):
+                MailboxLock(path, None, ("dotlock",), timeout=0.2).acquire()
+        finally:
+            spool_dir.chmod(0o755)
+        return
+    # As root, prove it in a child that became `nobody` (root ignores directory permissions).
+    tmp_path.chmod(0o755)
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                MailboxLock(path, None, ("dotlock",), timeout=0.2).acquire()
+            except LockPermissionError as e:
+                code = 0 if "group" in str(e) else 2
+            except LockError:
+                code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.listdir(spool_dir) == ["alice"]
