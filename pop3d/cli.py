@@ -1,0 +1,75 @@
+"""`pop3d`: read the configuration, set up logging, serve one session (inetd) or listen."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+CONFIG_ERROR_REPLY = b"-ERR [SYS/PERM] Server configuration error; contact the administrator.\r\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pop3d` command; returns the exit status (78 on a configuration error)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    inetd_mode = not any(a == "--listen" or a.startswith("--listen=") for a in args)
+    stderr_is_client = inetd_mode and _stderr_is_the_client()
+    if stderr_is_client:
+        # inetd hands the socket over as fd 0, 1 *and* 2: nothing meant for stderr may reach the
+        # client (a traceback on the wire would leak paths and code).
+        _silence_stderr()
+    from pop3d import config as cfg
+
+    try:
+        conf = cfg.load(args)
+    except cfg.ConfigError as e:
+        if e.status == 0:  # --help, --version
+            sys.stdout.write(f"{e}\n")
+            return 0
+        _report_config_error(str(e), to_syslog=stderr_is_client)
+        if inetd_mode and not os.isatty(1):
+            try:
+                os.write(1, CONFIG_ERROR_REPLY)
+            except OSError:
+                pass
+        return e.status
+    from pop3d import log
+
+    log.setup(str(conf.log))
+    if conf.listen:
+        from pop3d import server
+
+        return server.run(conf)
+    from pop3d import session
+
+    return session.serve(conf)
+
+
+def _report_config_error(message: str, to_syslog: bool) -> None:
+    if to_syslog:
+        import syslog
+
+        syslog.openlog("pop3d", syslog.LOG_PID, syslog.LOG_MAIL)
+        syslog.syslog(syslog.LOG_ERR, f"configuration error: {message}")
+    else:
+        sys.stderr.write(f"pop3d: {message}\n")
+
+
+def _stderr_is_the_client() -> bool:
+    """True when fd 2 is the same socket as fd 0 (inetd, xinetd; systemd with StandardError=socket)."""
+    import stat
+
+    try:
+        err, inp = os.fstat(2), os.fstat(0)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (inp.st_dev, inp.st_ino)
+
+
+def _silence_stderr() -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)

@@ -1,0 +1,86 @@
+"""Logging for an administrator: syslog (facility mail, ident pop3d, with the pid), stderr or a file.
+
+Deliberately not the `logging` package: it costs start-up time on every connection, and one
+process logs a handful of lines. Client-supplied text goes through `escape` before it is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_target = "stderr"
+_file = None
+_prefix = ""
+
+INFO = 6  # syslog.LOG_INFO
+WARNING = 4  # syslog.LOG_WARNING
+ERR = 3  # syslog.LOG_ERR
+
+
+def setup(target: str) -> None:
+    """Choose where lines go: "syslog", "stderr" or an absolute file path."""
+    global _target, _file
+    _target = target
+    if target == "syslog":
+        import syslog
+
+        syslog.openlog("pop3d", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
+    elif target != "stderr":
+        try:
+            _file = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            sys.stderr.write(f"pop3d: cannot open log file {target}: {e.strerror}\n")
+            _target = "stderr"
+
+
+def set_prefix(prefix: str) -> None:
+    """Text put before every line (e.g. the session's user and address)."""
+    global _prefix
+    _prefix = prefix
+
+
+def escape(data: bytes | str, limit: int = 64) -> str:
+    """Client text made safe for a log line: printable ASCII only, bounded length."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    text = data[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in text)
+    return text + ("..." if len(data) > limit else "")
+
+
+def log(level: int, message: str) -> None:
+    line = _prefix + message
+    try:
+        if _target == "syslog":
+            import syslog
+
+            syslog.syslog(level, line)
+        elif _file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            _file.write(f"{stamp} pop3d[{os.getpid()}]: {line}\n")
+        else:
+            sys.stderr.write(f"pop3d[{os.getpid()}]: {line}\n")
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # logging must never take the session down
+
+
+def info(message: str) -> None:
+    log(INFO, message)
+
+
+def warning(message: str) -> None:
+    log(WARNING, message)
+
+
+def error(message: str) -> None:
+    log(ERR, message)
+
+
+def exception(message: str) -> None:
+    """Log an unexpected exception with its traceback (to the log only, never the wire)."""
+    import traceback
+
+    log(ERR, message + ": " + traceback.format_exc().replace("\n", " | "))

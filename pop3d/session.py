@@ -1,0 +1,330 @@
+"""The driver of one POP3 session: owns the connection's file descriptors, the timers and the loop.
+
+It feeds client bytes to the protocol core, performs what the core requests through the adapters
+(auth, privileges, maildrop), turns adapter exceptions into response codes in one table, and
+logs. It knows no POP3 syntax itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import time
+
+from pop3d import limits, log, protocol, wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pop3d.config import Config
+
+
+class SessionEnd(Exception):
+    """The session must end now, without update: the client vanished, a timeout, a signal."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Connection:
+    """Non-blocking reads and writes on the session's descriptors, with timeouts.
+
+    In inetd mode fd 0 and fd 1 are usually the same socket; they may also be two pipes.
+    """
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self._saved_flags: list[tuple[int, int]] = []
+        for fd in {rfd, wfd}:
+            import fcntl
+
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            self._saved_flags.append((fd, flags))
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def restore(self) -> None:
+        """Give the descriptors back as they came (a terminal must not stay non-blocking)."""
+        import fcntl
+
+        for fd, flags in self._saved_flags:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+    def wait_readable(self, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(max(0.0, timeout) * 1000.0))
+
+    def read(self) -> bytes | None:
+        """Some bytes, b"" at end of input (a reset counts as the end), None if none yet."""
+        try:
+            data = os.read(self.rfd, limits.READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN, errno.EPIPE):
+                return b""
+            raise
+        self.bytes_in += len(data)
+        return data
+
+    def write_all(self, data: bytes | memoryview, timeout: float = limits.WRITE_TIMEOUT) -> None:
+        """Write everything, waiting at most `timeout` for the client to make room."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        poller = None
+        while view:
+            try:
+                written = os.write(self.wfd, view)
+            except BlockingIOError:
+                written = 0
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise SessionEnd("disconnected") from None
+                raise
+            self.bytes_out += written
+            view = view[written:]
+            if view:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self.wfd, select.POLLOUT)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000.0):
+                    raise SessionEnd("write-timeout")
+
+
+class Session:
+    """One POP3 session from greeting to close."""
+
+    def __init__(self, config: Config, conn: Connection, peer: str = "unknown") -> None:
+        self.config = config
+        self.conn = conn
+        self.peer = peer
+        self.core = protocol.Pop3Core(self._options(), greet=False)
+        self.maildrop = None
+        self.user: str | None = None
+        self._out = bytearray()
+        self._last_refresh = time.monotonic()
+        # Refresh the dotlock well inside the age at which others (and we) call it stale.
+        self._refresh_every = min(limits.LOCK_REFRESH_INTERVAL, float(config.stale_lock) / 4)  # type: ignore[arg-type]
+        self.end_reason = "error"
+        self.deleted_count = 0
+
+    def _options(self) -> protocol.Options:
+        return protocol.Options(max_auth_failures=int(self.config.max_auth_failures))  # type: ignore[call-overload]
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        """Serve until the core closes, the client vanishes, or a timer or a signal ends it."""
+        core = self.core
+        try:
+            self._loop()
+        except SessionEnd as e:
+            self.end_reason = e.reason
+        except Exception:
+            log.exception("unexpected error")
+            core.fail()
+            self.end_reason = "error"
+            try:
+                self._out += core.data_to_send()
+                self._flush()
+            except Exception:
+                pass
+        finally:
+            self._close_maildrop()
+            self._log_logout()
+
+    def _loop(self) -> None:
+        core = self.core
+        config = self.config
+        idle_timeout = float(config.timeout)  # type: ignore[arg-type]
+        last_command = time.monotonic()
+        partial_since: float | None = None
+        while True:
+            commands_before = core.stats["commands"]
+            while True:
+                request = core.next_request()
+                self._out += core.data_to_send()
+                if request is None:
+                    if len(self._out) >= limits.OUTPUT_FLUSH:
+                        self._flush()
+                        continue
+                    break
+                if isinstance(request, protocol.Close):
+                    self.end_reason = request.reason
+                    self._flush()
+                    return
+                self._perform(request)
+                self._out += core.data_to_send()
+                if len(self._out) >= limits.OUTPUT_FLUSH:
+                    self._flush()
+            # Input drained: send every answer of the pipeline in one write.
+            self._flush()
+            now = time.monotonic()
+            if core.stats["commands"] != commands_before:
+                last_command = now
+            partial_since = partial_since or now if core.pending_input() else None
+            deadline = last_command + idle_timeout
+            if partial_since is not None:
+                deadline = min(deadline, partial_since + limits.COMMAND_LINE_TIMEOUT)
+            data = None
+            while data is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    core.timed_out()
+                    break
+                self._refresh_lock(now)
+                wait = min(deadline - now, self._refresh_every)
+                if self.conn.wait_readable(wait):
+                    data = self.conn.read()
+            if data is not None:
+                core.receive_data(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = bytes(self._out)
+            self._out.clear()
+            self.conn.write_all(data)
+
+    def _refresh_lock(self, now: float) -> None:
+        if self.maildrop is not None and now - self._last_refresh >= self._refresh_every:
+            self._last_refresh = now
+            self.maildrop.refresh_lock()
+
+    # ---------------------------------------------------------------- requests
+
+    def _perform(self, request: object) -> None:
+        if isinstance(request, protocol.Retrieve):
+            self._retrieve(request)
+        elif isinstance(request, protocol.Authenticate):
+            self._authenticate(request)
+        elif isinstance(request, protocol.Commit):
+            self._commit(request)
+        elif isinstance(request, protocol.StartTLS):
+            self._start_tls()
+        else:
+            raise RuntimeError(f"unknown request {request!r}")
+
+    def _retrieve(self, request: protocol.Retrieve) -> None:
+        assert self.maildrop is not None
+        out = self._out
+        chunks = self.maildrop.iter_message(request.index, request.body_lines)
+        for piece in wire.stuff_message(chunks):
+            out += piece
+            if len(out) >= limits.OUTPUT_FLUSH:
+                self._flush()
+                self._refresh_lock(time.monotonic())
+        self.core.retrieve_done()
+
+    def _authenticate(self, request: protocol.Authenticate) -> None:
+        from pop3d import login
+
+        started = time.monotonic()
+        outcome = login.login(self.config, request.user, request.password, self.peer)
+        if isinstance(outcome, bytes):
+            if outcome == protocol.AUTH:
+                # The same delay after every kind of failure: the timing tells nothing.
+                delay = float(self.config.auth_failure_delay)  # type: ignore[arg-type]
+                time.sleep(max(0.0, started + delay - time.monotonic()))
+            self.core.auth_failed(outcome)
+            return
+        self.user, self.maildrop = outcome
+        log.set_prefix(f"user={self.user} rip={self.peer}: ")
+        self.core.auth_succeeded(self.maildrop.listing)
+
+    def _commit(self, request: protocol.Commit) -> None:
+        assert self.maildrop is not None
+        from pop3d import maildrop as md
+
+        # QUIT was received in full: a SIGTERM now must not cut the update short.
+        blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self.maildrop.commit(request.deleted)
+        except md.MaildropError as e:
+            log.error(f"update failed: {e}")
+            self.core.commit_done(protocol.SYS_TEMP)
+        else:
+            self.deleted_count = len(request.deleted)
+            self.core.commit_done(None)
+        finally:
+            self._close_maildrop()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _start_tls(self) -> None:
+        raise RuntimeError("STLS is not configured")
+
+    def _close_maildrop(self) -> None:
+        maildrop, self.maildrop = self.maildrop, None
+        if maildrop is not None:
+            try:
+                maildrop.close()
+            except Exception:
+                log.exception("releasing the maildrop")
+
+    def _log_logout(self) -> None:
+        if self.user is None:
+            log.info(f"disconnected before login: rip={self.peer} reason={self.end_reason}")
+            return
+        stats = self.core.stats
+        log.info(
+            f"logout: reason={self.end_reason} top={stats['top']} "
+            f"retr={stats['retr']}/{stats['retr_bytes']} del={self.deleted_count} "
+            f"in={self.conn.bytes_in} out={self.conn.bytes_out}"
+        )
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM, SIGHUP, SIGINT end the session without update; locks are released on the way out."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SessionEnd("signal")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def peer_name(fd: int = 0) -> str:
+    """The client's address: from the launcher's environment, the socket, or "unknown" (pipes)."""
+    for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
+        value = os.environ.get(var)
+        if value:
+            return log.escape(value, 64)
+    import socket
+
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "unknown"
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "unknown"
+    finally:
+        sock.close()
+    if isinstance(address, tuple):
+        return str(address[0])
+    return "local"
+
+
+def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = False) -> int:
+    """Serve one session on these descriptors (inetd mode); the process exit status."""
+    conn = Connection(rfd, wfd)
+    try:
+        if not greeting_sent:
+            conn.write_all(protocol.GREETING)
+        install_signal_handlers()
+        session = Session(config, conn, peer_name(rfd))
+        session.run()
+    except SessionEnd:
+        pass
+    finally:
+        conn.restore()
+    return 0
