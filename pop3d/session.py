@@ -11,7 +11,6 @@ import contextlib
 import errno
 import os
 import select
-import signal
 import time
 
 from pop3d import limits, log, protocol, wire
@@ -243,6 +242,8 @@ class Session:
         assert self.maildrop is not None
         from pop3d import maildrop as md
 
+        import signal
+
         # QUIT was received in full: a SIGTERM now must not cut the update short.
         blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
@@ -282,7 +283,11 @@ class Session:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM, SIGHUP, SIGINT end the session without update; locks are released on the way out."""
+    """SIGTERM, SIGHUP, SIGINT end the session without update; locks are released on the way out.
+
+    Installed after the greeting: `signal` imports `enum`, which costs start-up time.
+    """
+    import signal
 
     def stop(signum: int, frame: object) -> None:
         raise SessionEnd("signal")

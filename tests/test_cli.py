@@ -1,0 +1,154 @@
+"""The command itself: installation, options, start-up imports, log targets, mboxrd, root rules."""
+
+from __future__ import annotations
+
+import poplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, PASSWORD, ROOT, Pop3Env, child_env, mbox_bytes
+
+# Modules that cost start-up time and must not be loaded before the greeting is written.
+HEAVY = (
+    "re",
+    "ssl",
+    "socket",
+    "passlib",
+    "bcrypt",
+    "hashlib",
+    "typing",
+    "enum",
+    "dataclasses",
+    "logging",
+    "configparser",
+    "argparse",
+    "daemon",
+    "pam",
+    "mmap",
+)
+
+
+def test_greeting_path_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "from pop3d import cli, config, log, session, protocol, wire\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        env=child_env(),
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_installed_command_runs() -> None:
+    """`pip install .` puts a `pop3d` command beside the interpreter (scripts/test installs it)."""
+    command = Path(sys.executable).parent / "pop3d"
+    if not command.exists():
+        pytest.skip("pop3d is not installed in this interpreter's environment (run scripts/test)")
+    out = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("pop3d ")
+
+
+def test_help_and_version_via_module() -> None:
+    for flag, expected in (("--help", "usage: pop3d"), ("--version", "pop3d ")):
+        out = subprocess.run(
+            [sys.executable, "-m", "pop3d", flag],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            env=child_env(),
+            timeout=30,
+        )
+        assert out.returncode == 0 and out.stdout.startswith(expected)
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pop3d", "--listen", "127.0.0.1:1", "--bogus-key", "1"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        env=child_env(),
+        timeout=30,
+    )
+    assert out.returncode == 64 and "--bogus-key" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_log_to_stderr_names_the_login(env: Pop3Env) -> None:
+    env.write_spool(mbox_bytes([b"Subject: x\n\nbody\n"]))
+    env.write_config(log="stderr")
+    client = env.client()
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    err = client.proc.stderr.read().decode()
+    assert "login: user=alice" in err and "logout: reason=quit" in err
+    assert PASSWORD not in err
+
+
+def test_passwords_never_reach_the_log(env: Pop3Env) -> None:
+    client = env.client()
+    client.user("alice")
+    with pytest.raises(poplib.error_proto):
+        client.pass_("wrong-Secret-123")
+    client.quit()
+    client.proc.wait(timeout=20)
+    log = env.log_text()
+    assert "login failed: user=alice" in log and "wrong-Secret-123" not in log
+
+
+def test_mboxrd_unquotes_one_level(env: Pop3Env) -> None:
+    env.write_spool(mbox_bytes([b"Subject: q\n\n>From one\n>>From two\n>Fromage\n"]))
+    for fmt, expected in (
+        ("mboxo", [b">From one", b">>From two", b">Fromage"]),
+        ("mboxrd", [b"From one", b">From two", b">Fromage"]),
+    ):
+        env.write_config(mbox_format=fmt)
+        client = env.client()
+        client.user("alice")
+        client.pass_(PASSWORD)
+        _, listing, _ = client.list()
+        _, lines, _ = client.retr(1)
+        assert lines[2:] == expected
+        assert int(listing[0].split()[1]) == sum(len(line) + 2 for line in lines)
+        client.quit()
+        client.proc.wait(timeout=20)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: the rule is about sessions started as root")
+def test_root_without_mail_user_refuses_htpasswd_sessions(env: Pop3Env) -> None:
+    path = env.write_spool(mbox_bytes([b"Subject: x\n\nbody\n"]))
+    env.write_config(mail_user=None)
+    env.settings.pop("mail_user", None)
+    env.write_config()
+    client = env.client()
+    client.user("alice")
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
+        client.pass_(PASSWORD)
+    client.quit()
+    client.proc.wait(timeout=20)
+    assert "mail_user" in env.log_text()
+    assert not Path(f"{path}.lock").exists()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to watch a session drop to mail_user")
+def test_htpasswd_session_runs_as_mail_user(env: Pop3Env) -> None:
+    env.write_spool(mbox_bytes([b"Subject: x\n\nbody\n"]))
+    client = env.client()
+    client.user("alice")
+    client.pass_(PASSWORD)
+    status = Path(f"/proc/{client.proc.pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+    assert set(uids) == {str(env.account.pw_uid)} and set(gids) == {str(env.account.pw_gid)}
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
