@@ -240,9 +240,9 @@ class Session:
 
     def _commit(self, request: protocol.Commit) -> None:
         assert self.maildrop is not None
-        from pop3d import maildrop as md
-
         import signal
+
+        from pop3d import maildrop as md
 
         # QUIT was received in full: a SIGTERM now must not cut the update short.
         blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
