@@ -25,6 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         conf = cfg.load(args)
+        if conf.tls != "none":
+            from pop3d import tls
+
+            # Certificate, key and settings are checked now: a configuration error at start,
+            # never a failure mid-session. Imported only here: `ssl` costs start-up time.
+            tls.server_context(conf)
     except cfg.ConfigError as e:
         if e.status == 0:  # --help, --version
             sys.stdout.write(f"{e}\n")

@@ -122,6 +122,14 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "max_auth_failures": (limits.DEFAULT_MAX_AUTH_FAILURES, _number(1, 100, int)),
     "max_sessions": (100, _number(1, 100000, int)),
     "max_sessions_per_ip": (10, _number(1, 100000, int)),
+    # TLS (issue 5). None = decided in _check from the other keys.
+    "tls": (None, _choice("none", "starttls", "implicit")),
+    "tls_cert": ("", _path),
+    "tls_key": ("", _path),
+    "tls_ciphers": ("", _text),
+    "tls_min_version": ("tlsv1.2", _choice("tlsv1.2", "tlsv1.3")),
+    "plaintext_auth": (None, _choice("yes", "tls")),
+    "plaintext_on_loopback": (False, _bool),
 }
 
 # Options that are not configuration keys: name -> takes a value.
@@ -262,3 +270,18 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError("--daemon needs --listen", status=EX_USAGE)
     if "%h" in str(values["mailbox"]) and values["auth"] == "htpasswd":
         raise ConfigError("mailbox: %h needs system accounts (auth = system)")
+    _check_tls(values)
+
+
+def _check_tls(values: dict[str, object]) -> None:
+    """TLS is on (STLS) as soon as a certificate is given; then passwords need TLS by default."""
+    if values["tls"] is None:
+        values["tls"] = "starttls" if values["tls_cert"] else "none"
+    if values["tls"] != "none" and not values["tls_cert"]:
+        raise ConfigError(f"tls = {values['tls']} needs tls_cert (the certificate file)")
+    if values["plaintext_auth"] is None:
+        values["plaintext_auth"] = "yes" if values["tls"] == "none" else "tls"
+    if values["plaintext_auth"] == "tls" and values["tls"] == "none" and not values["plaintext_on_loopback"]:
+        raise ConfigError(
+            "plaintext_auth = tls without TLS (tls_cert) or plaintext_on_loopback: nobody could log in"
+        )

@@ -61,3 +61,6 @@ MBOX_SCAN_WINDOW = 512 * 1024
 # mbox: octets of From_ line + header block hashed into a UID (bounded work for a giant header).
 # Changing it renames the UIDs of messages whose headers are longer: clients re-download those.
 UID_HEADER_CAP = 64 * 1024
+# tls: the whole handshake (STLS or implicit) must finish within this, or within the idle timeout
+# if shorter: a client that connects and never completes it must not hold a process.
+TLS_HANDSHAKE_TIMEOUT = 60.0

@@ -108,7 +108,8 @@ class Server:
             log.warning(f"refusing {peer}: max_sessions reached")
             try:
                 conn.setblocking(True)
-                conn.sendall(b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n")
+                if self.config.tls != "implicit":  # a TLS client would take plaintext for a bad record
+                    conn.sendall(b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n")
             except OSError:
                 pass
             conn.close()

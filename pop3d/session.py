@@ -17,6 +17,8 @@ from pop3d import limits, log, protocol, wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
+
     from pop3d.config import Config
 
 
@@ -33,6 +35,8 @@ class Connection:
 
     In inetd mode fd 0 and fd 1 are usually the same socket; they may also be two pipes.
     """
+
+    secure = False  # the transport contract, shared with TlsConnection
 
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd = rfd
@@ -97,15 +101,140 @@ class Connection:
                 if remaining <= 0 or not poller.poll(remaining * 1000.0):
                     raise SessionEnd("write-timeout")
 
+    def is_socket(self) -> bool:
+        """True when both directions are one stream socket, which TLS can wrap (not pipes)."""
+        import stat
+
+        try:
+            rstat, wstat = os.fstat(self.rfd), os.fstat(self.wfd)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(rstat.st_mode) and (rstat.st_dev, rstat.st_ino) == (wstat.st_dev, wstat.st_ino)
+
+    def close(self) -> None:
+        """Nothing to say before a plain connection closes (TLS sends its close_notify here)."""
+
+
+class TlsConnection:
+    """Connection's contract (read, write_all, wait_readable, counters) through a server-side SSLSocket.
+
+    Made after the handshake, from the socket `tls.accept` wrapped; from then on every byte goes
+    through it, both directions. The socket is non-blocking, so OpenSSL may report that it must
+    read before it can write or the reverse (SSLWant*Error), and decrypted bytes can wait inside
+    the SSL object (`pending()`), where poll() cannot see them.
+    """
+
+    secure = True
+
+    def __init__(self, sock: ssl.SSLSocket, plain: Connection) -> None:
+        self.sock = sock
+        self.rfd = plain.rfd
+        self._fd = sock.fileno()
+        self._read_events = select.POLLIN | select.POLLPRI
+        self.bytes_in = plain.bytes_in
+        self.bytes_out = plain.bytes_out
+
+    def wait_readable(self, timeout: float) -> bool:
+        if self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self._fd, self._read_events)
+        return bool(poller.poll(max(0.0, timeout) * 1000.0))
+
+    def read(self) -> bytes | None:
+        """Some plaintext, b"" at the end (close_notify, EOF or reset), None if no whole record yet."""
+        import ssl
+
+        self._read_events = select.POLLIN | select.POLLPRI
+        try:
+            data = self.sock.recv(limits.READ_SIZE)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLWantWriteError:
+            self._read_events = select.POLLOUT
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+        except ssl.SSLError as e:
+            log.warning(f"TLS error: {e.reason or e}")
+            raise SessionEnd("tls-error") from None
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN, errno.EPIPE):
+                return b""
+            raise
+        self.bytes_in += len(data)
+        return data
+
+    def write_all(self, data: bytes | memoryview, timeout: float = limits.WRITE_TIMEOUT) -> None:
+        """Write everything, waiting at most `timeout` for the client to make room."""
+        import ssl
+
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            # After a want-read/want-write, OpenSSL needs the same bytes again: `view` is unchanged.
+            try:
+                written = self.sock.send(view)
+                events = select.POLLOUT
+            except ssl.SSLWantWriteError:
+                written, events = 0, select.POLLOUT
+            except ssl.SSLWantReadError:
+                written, events = 0, select.POLLIN
+            except ssl.SSLError as e:
+                log.warning(f"TLS error: {e.reason or e}")
+                raise SessionEnd("tls-error") from None
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise SessionEnd("disconnected") from None
+                raise
+            self.bytes_out += written
+            view = view[written:]
+            if view:
+                poller = select.poll()
+                poller.register(self._fd, events)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000.0):
+                    raise SessionEnd("write-timeout")
+
+    def is_socket(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Send close_notify, without waiting for the client's: some clients report a truncation otherwise."""
+        try:
+            self.sock.unwrap()
+        except (OSError, ValueError):  # ssl.SSLWantReadError: ours is sent, theirs not awaited
+            pass
+
+
+def start_tls(config: Config, conn: Connection, peer: str) -> TlsConnection:
+    """Handshake on the connection's socket (STLS or implicit TLS); its transport, or SessionEnd (logged)."""
+    from pop3d import tls
+
+    timeout = min(float(config.timeout), limits.TLS_HANDSHAKE_TIMEOUT)  # type: ignore[arg-type]
+    try:
+        sock = tls.accept(tls.server_context(config), conn.rfd, timeout)
+    except tls.HandshakeError as e:
+        log.warning(f"TLS handshake failed: rip={peer}: {e}")
+        raise SessionEnd("tls-handshake-failed") from None
+    log.info(f"TLS: rip={peer} {sock.version()} {(sock.cipher() or ('?',))[0]}")
+    return TlsConnection(sock, conn)
+
+
+# SASL mechanisms offered (RFC 5034); the core shows them only where plaintext passwords may go.
+SASL_MECHANISMS = (b"PLAIN", b"LOGIN")
+
 
 class Session:
     """One POP3 session from greeting to close."""
 
-    def __init__(self, config: Config, conn: Connection, peer: str = "unknown") -> None:
+    def __init__(self, config: Config, conn: Connection | TlsConnection, peer: str = "unknown") -> None:
         self.config = config
         self.conn = conn
         self.peer = peer
         self.core = protocol.Pop3Core(self._options(), greet=False)
+        if conn.secure:
+            self.core.tls_active = True  # implicit TLS: the session is secure from its first byte
         self.maildrop = None
         self.user: str | None = None
         self._out = bytearray()
@@ -116,7 +245,17 @@ class Session:
         self.deleted_count = 0
 
     def _options(self) -> protocol.Options:
-        return protocol.Options(max_auth_failures=int(self.config.max_auth_failures))  # type: ignore[call-overload]
+        config = self.config
+        secure = self.conn.secure
+        plaintext = config.plaintext_auth == "yes" or (
+            bool(config.plaintext_on_loopback) and not secure and peer_is_local(self.conn.rfd)
+        )
+        return protocol.Options(
+            max_auth_failures=int(config.max_auth_failures),  # type: ignore[call-overload]
+            plaintext_allowed=plaintext,
+            stls_available=config.tls == "starttls" and not secure and self.conn.is_socket(),
+            sasl_mechanisms=SASL_MECHANISMS,
+        )
 
     # ---------------------------------------------------------------- the loop
 
@@ -138,6 +277,7 @@ class Session:
                 pass
         finally:
             self._close_maildrop()
+            self.conn.close()
             self._log_logout()
 
     def _loop(self) -> None:
@@ -260,7 +400,12 @@ class Session:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _start_tls(self) -> None:
-        raise RuntimeError("STLS is not configured")
+        # The +OK goes out in plaintext first. The core already dropped whatever was pipelined
+        # behind STLS, and this driver keeps no read-ahead of its own: the handshake reads the
+        # socket itself, so no plaintext byte can be taken for part of the TLS stream.
+        self._flush()
+        self.conn = start_tls(self.config, self.conn, self.peer)  # type: ignore[arg-type]
+        self.core.tls_started()
 
     def _close_maildrop(self) -> None:
         maildrop, self.maildrop = self.maildrop, None
@@ -319,14 +464,49 @@ def peer_name(fd: int = 0) -> str:
     return "local"
 
 
+def peer_is_local(fd: int) -> bool:
+    """True if the client is on this host: a loopback address or a Unix socket (plaintext_on_loopback).
+
+    Decided from the socket itself, never from the launcher's environment.
+    """
+    import socket
+
+    duplicate = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return False
+    try:
+        family, address = sock.family, sock.getpeername()
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    if family == socket.AF_UNIX:
+        return True
+    host = str(address[0]).removeprefix("::ffff:")
+    return host.startswith("127.") or host == "::1"
+
+
 def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = False) -> int:
     """Serve one session on these descriptors (inetd mode); the process exit status."""
     conn = Connection(rfd, wfd)
+    transport: Connection | TlsConnection = conn
     try:
+        peer = None
+        if config.tls == "implicit":
+            # RFC 8314 implicit TLS: the handshake comes before the greeting.
+            install_signal_handlers()
+            peer = peer_name(rfd)
+            if not conn.is_socket():
+                log.error("tls = implicit needs a socket on standard input and output")
+                return 78
+            transport = start_tls(config, conn, peer)
         if not greeting_sent:
-            conn.write_all(protocol.GREETING)
+            transport.write_all(protocol.GREETING)
         install_signal_handlers()
-        session = Session(config, conn, peer_name(rfd))
+        session = Session(config, transport, peer or peer_name(rfd))
         session.run()
     except SessionEnd:
         pass
