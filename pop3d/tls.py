@@ -66,7 +66,7 @@ def make_context(
         key_where = f"tls_key is not set and tls_cert {cert}"
     if b"PRIVATE KEY-----" not in key_pem:
         raise TlsConfigError(f"{key_where}: no PEM private key in the file")
-    if b"ENCRYPTED" in key_pem:
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in key_pem or b"Proc-Type: 4,ENCRYPTED" in key_pem:
         raise TlsConfigError(f"{key_where}: the private key is encrypted (no passphrase can be asked)")
     ders = _pem_certificates(cert_pem)
     if not ders:
@@ -236,6 +236,8 @@ def accept(context: ssl.SSLContext, fd: int, timeout: float) -> ssl.SSLSocket:
 
 def _describe(error: OSError) -> str:
     if isinstance(error, ssl.SSLEOFError) or (isinstance(error, ssl.SSLError) and "EOF" in str(error.reason)):
+        return "the client closed the connection"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError)):
         return "the client closed the connection"
     if isinstance(error, ssl.SSLError):
         return f"TLS error: {error.reason or error.strerror or error.args}"

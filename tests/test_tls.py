@@ -415,6 +415,11 @@ def test_missing_key_file_is_a_config_error(env: Pop3Env, certs: Certs) -> None:
     expect_config_error(env, "tls_key", "missing.key", "No such file or directory")
 
 
+def test_directory_as_key_file_is_a_config_error(env: Pop3Env, certs: Certs) -> None:
+    tls_env(env, certs, tls_key=str(env.base))
+    expect_config_error(env, "tls_key", "Is a directory")
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root reads mode-000 files")
 def test_unreadable_key_file_is_a_config_error(env: Pop3Env, certs: Certs) -> None:
     certs.key_file.chmod(0)
