@@ -6,7 +6,6 @@ where login successes and failures are logged. Loaded only when a client sends P
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from pop3d import auth, log, maildrop, privs, protocol
@@ -133,7 +132,6 @@ def preload() -> None:
     import mmap  # noqa: F401
     import re  # noqa: F401
     import struct  # noqa: F401
-    import traceback  # noqa: F401
 
     from pop3d import locking, mbox  # noqa: F401
 
@@ -148,6 +146,8 @@ def _drop_privileges(config: Config, account: auth.Account) -> None:
     groups = [account.gid]
     import grp
 
-    with contextlib.suppress(KeyError):
+    try:
         groups.append(grp.getgrnam("mail").gr_gid)
+    except KeyError:
+        pass
     privs.become(account.uid, account.gid, sorted(set(groups)))
