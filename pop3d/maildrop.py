@@ -33,6 +33,8 @@ _JOURNAL_HEADER = "<16sQQQQQQ16s32sQ"
 _NONCE_LEN = 16
 _ALIGN = 4096
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
+# Small messages sent are released from RSS together, once this many octets of them were read.
+_RELEASE_BATCH = 1024 * 1024
 
 
 class MaildropError(Exception):
@@ -151,6 +153,7 @@ class Maildrop:
         "_lock_ok",
         "_log",
         "_tail",
+        "_unreleased",
         "listing",
         "path",
     )
@@ -177,6 +180,7 @@ class Maildrop:
         self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
         self._closed = False
         self._lock_ok = True
+        self._unreleased = (0, 0)  # [start, end) of small messages read but still mapped
 
     @classmethod
     def open(
@@ -261,10 +265,31 @@ class Maildrop:
     # ----------------------------------------------------------------- session
 
     def iter_message(self, index: int, body_lines: int | None = None) -> Iterator[bytes]:
-        """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing."""
+        """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing.
+
+        A large message releases its pages as it streams; small ones are released together,
+        once _RELEASE_BATCH octets of them were read (RSS stays flat, madvise calls stay few).
+        """
         from . import mbox
 
-        return mbox.iter_message(self._buf, self.listing, index, body_lines, fmt=self._fmt)
+        listing = self.listing
+        lo, hi = listing.from_offset(index), listing.from_offset(index + 1)
+        if hi - lo >= _RELEASE_BATCH:
+            return mbox.iter_message(self._buf, listing, index, body_lines, fmt=self._fmt)
+        if self._unreleased[1] - self._unreleased[0] >= _RELEASE_BATCH:
+            self.release_pages()
+        start, end = self._unreleased
+        self._unreleased = (min(start, lo), max(end, hi)) if end > start else (lo, hi)
+        return mbox.iter_message(self._buf, listing, index, body_lines, fmt=self._fmt, release=False)
+
+    def release_pages(self) -> None:
+        """Release the pages small messages left mapped (see iter_message)."""
+        from . import mbox
+
+        start, end = self._unreleased
+        self._unreleased = (0, 0)
+        if end > start and not self._closed:
+            mbox.release_pages(self._buf, start, end)
 
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""

@@ -51,9 +51,10 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | mmap.mmap
 
-__all__ = ["Listing", "MboxFormatError", "iter_message", "scan"]
+__all__ = ["Listing", "MboxFormatError", "iter_message", "release_pages", "scan"]
 
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
+_DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 # Pages just read stay mapped this far behind the reader, and a finished stream releases this far
@@ -93,15 +94,15 @@ class Listing:
         size: array,
         seplen: bytearray,
         digests: bytearray,
-        dups: dict[int, int],
+        dups: dict[int, int] | None,
         scanned_length: int,
     ) -> None:
         self._start = start
         self._end = end
         self._size = size
         self._seplen = seplen  # octets of the blank separator line after end(i): 0 for the last
-        self._digests = digests  # _DIGEST_SIZE octets per message
-        self._dups = dups  # index -> occurrence number (2, 3...) of a repeated digest
+        self._digests = digests  # _DIGEST_STRIDE octets per message, the UID's digest first
+        self._dups = dups  # index -> occurrence number (2, 3...) of a repeated digest; None: not yet
         self.count = len(size)
         self.total_size = sum(size)
         self.scanned_length = scanned_length
@@ -119,9 +120,12 @@ class Listing:
     def uid(self, index: int) -> bytes:
         """The message's unique-id: 24 hex digits, maybe "-N" (see the module docstring)."""
         self._check(index)
-        at = index * _DIGEST_SIZE
+        dups = self._dups
+        if dups is None:  # numbered on first use: login and STAT do not wait for it
+            dups = self._dups = _dedup(self._digests, self.count)
+        at = index * _DIGEST_STRIDE
         uid = self._digests[at : at + _DIGEST_SIZE].hex().encode("ascii")
-        nth = self._dups.get(index)
+        nth = dups.get(index)
         return uid if nth is None else b"%s-%d" % (uid, nth)
 
     def start(self, index: int) -> int:
@@ -188,6 +192,13 @@ def _releaser(buf: Buffer) -> Callable[[int, int], None] | None:
             madvise(_MADV_DONTNEED, lo, hi - lo)
 
     return release
+
+
+def release_pages(buf: Buffer, lo: int, hi: int) -> None:
+    """Drop [lo, hi) (widened by the fault-around margin) of a mapping from our RSS."""
+    release = _releaser(buf)
+    if release is not None:
+        release(lo - _MAP_MARGIN, hi + _MAP_MARGIN)
 
 
 def _find_lf(buf: Buffer, start: int, end: int, w: int, release: Callable[[int, int], None] | None) -> int:
@@ -257,12 +268,15 @@ def _dedup(digests: bytearray, count: int) -> dict[int, int]:
     objects (~80 octets each): peak RSS must not grow with the number of messages.
     """
     dups: dict[int, int] = {}
+    # Usually no two digests share even their first 8 octets: one C-speed set proves it.
+    if len(set(memoryview(digests).cast("Q")[:: _DIGEST_STRIDE // 8])) == count:
+        return dups
     table = array("I", [0]) * (1 << (2 * count).bit_length())
     mask = len(table) - 1
     seen: dict[int, int] = {}  # first index of a repeated digest -> occurrences so far
-    size = _DIGEST_SIZE
+    size, stride = _DIGEST_SIZE, _DIGEST_STRIDE
     for i in range(count):
-        at = i * size
+        at = i * stride
         digest = digests[at : at + size]
         slot = int.from_bytes(digest, "little") & mask
         while True:
@@ -271,7 +285,7 @@ def _dedup(digests: bytearray, count: int) -> dict[int, int]:
                 table[slot] = i + 1
                 break
             j -= 1
-            if digests[j * size : j * size + size] == digest:
+            if digests[j * stride : j * stride + size] == digest:
                 nth = seen.get(j, 1) + 1
                 seen[j] = nth
                 dups[i] = nth
@@ -323,7 +337,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
         else:  # the header runs past the window
             blank = _blank_line(buf, s - 1, hl, w)
             block = buf[q : blank if blank >= 0 else hl]
-        digests.extend(sha256(strip_volatile(b"", block)[:cap]).digest()[:_DIGEST_SIZE])
+        digests.extend(sha256(strip_volatile(b"", block)[:cap]).digest()[:_DIGEST_STRIDE])
 
     # The message being scanned: From_ line at q, content from s; counts over [q, here).
     s = _find_lf(buf, 0, n, w, release) + 1 or n  # no LF at all: a lone empty message
@@ -436,7 +450,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
     seplen.append(0)
     if release is not None:
         release(released, n)
-    return Listing(starts, ends, sizes, seplen, digests, _dedup(digests, len(sizes)), n)
+    return Listing(starts, ends, sizes, seplen, digests, None, n)
 
 
 def _header_end(buf: Buffer, s: int, e: int, w: int, release: Callable[[int, int], None] | None) -> int:
@@ -487,14 +501,20 @@ def _skip_lines(
 
 
 def iter_message(
-    buf: Buffer, listing: Listing, index: int, body_lines: int | None = None, fmt: str = "mboxo"
+    buf: Buffer,
+    listing: Listing,
+    index: int,
+    body_lines: int | None = None,
+    fmt: str = "mboxo",
+    release: bool = True,
 ) -> Iterator[bytes]:
     """Stream message `index` in sent form, in chunks of at most limits.RETR_CHUNK octets.
 
     With body_lines (TOP): the header block up to and including the first empty line (the whole
     message if it has none), then at most body_lines more lines. The whole message yields exactly
     listing.size(index) octets. No dot-stuffing (that is the wire's job). Arguments are checked
-    now, not at the first next().
+    now, not at the first next(). release=False leaves the pages read mapped (the caller releases
+    many small messages at once: one madvise per message costs more than sending it).
     """
     rd = _is_rd(fmt)
     s = listing.start(index)
@@ -502,14 +522,14 @@ def iter_message(
     if listing.scanned_length > len(buf):
         raise ValueError("the listing does not belong to this buffer")
     chunk_size = max(limits.RETR_CHUNK, 1)
-    release = _releaser(buf)
+    releaser = _releaser(buf) if release else None
     t = e
     if body_lines is not None:
         if body_lines < 0:
             raise ValueError("body_lines must be >= 0")
         w = max(limits.MBOX_SCAN_WINDOW, 4)
-        t = _skip_lines(buf, _header_end(buf, s, e, w, release), e, body_lines, w, release)
-    return _stream(buf, s, t, e, rd, chunk_size, release)
+        t = _skip_lines(buf, _header_end(buf, s, e, w, releaser), e, body_lines, w, releaser)
+    return _stream(buf, s, t, e, rd, chunk_size, releaser)
 
 
 def _stream(

@@ -208,9 +208,8 @@ class Pop3Core:
     def pending_input(self) -> int:
         return self._reader.pending()
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytes | bytearray:
+        out, self._out = self._out, bytearray()  # handed over, not copied (a listing can be MBs)
         return out
 
     def next_request(self) -> Authenticate | Retrieve | Commit | StartTLS | Close | None:
@@ -486,10 +485,12 @@ class Pop3Core:
         self._out += wire.ok(b"%d %d" % (listing.count - len(self._deleted), size))
 
     def _cmd_list(self, args: list[bytes], rest: bytes) -> None:
-        self._scan_listing(args, b"%d %d", self._size_of)
+        assert self._listing is not None
+        self._scan_listing(args, b"%d %d", self._listing.size)
 
     def _cmd_uidl(self, args: list[bytes], rest: bytes) -> None:
-        self._scan_listing(args, b"%d %s", self._uid_of)
+        assert self._listing is not None
+        self._scan_listing(args, b"%d %s", self._listing.uid)
 
     def _size_of(self, index: int) -> int:
         assert self._listing is not None
@@ -509,9 +510,17 @@ class Pop3Core:
                 self._out += wire.ok(fmt % (index + 1, value(index)))
             return
         assert self._listing is not None
+        # Built a block of lines at a time: no list of 100,000 line objects for a big maildrop.
+        out = self._out
+        out += wire.ok()
         deleted = self._deleted
-        lines = [fmt % (i + 1, value(i)) for i in range(self._listing.count) if i not in deleted]
-        self._out += wire.multiline(wire.ok(), lines)
+        fmt += wire.CRLF
+        count = self._listing.count
+        for lo in range(0, count, 4096):
+            out += b"".join(
+                [fmt % (i + 1, value(i)) for i in range(lo, min(lo + 4096, count)) if i not in deleted]
+            )
+        out += wire.TERMINATOR
 
     def _cmd_retr(self, args: list[bytes], rest: bytes) -> Retrieve | None:
         if len(args) != 1:
