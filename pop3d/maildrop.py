@@ -353,20 +353,17 @@ class Maildrop:
                 f"{self.path}: our dotlock was broken or replaced by another process; "
                 "update aborted, nothing deleted"
             )
-        first = min(deleted)
+        order = sorted(deleted)
+        first = order[0]
         size = self._check_unchanged(first)
         length = self._length
-        # Kept raw byte ranges after the first deleted message, adjacent ones merged.
+        # Kept raw byte ranges after the first deleted message: the runs between deleted ones
+        # (never adjacent: a deleted message lies between two runs). O(deleted), not O(messages).
         extents: list[list[int]] = []
-        for index in range(first + 1, count):
-            if index in deleted:
-                continue
-            start = listing.from_offset(index)
-            end = listing.from_offset(index + 1) if index + 1 < count else length
-            if extents and extents[-1][0] + extents[-1][1] == start:
-                extents[-1][1] += end - start
-            else:
-                extents.append([start, end - start])
+        for index, after in zip(order, [*order[1:], count], strict=True):
+            if after > index + 1:
+                start = listing.from_offset(index + 1)
+                extents.append([start, listing.from_offset(after) - start])
         if size > length:  # appended after the scan by a writer that ignored our locks
             self._log(f"{self.path}: {size - length} bytes appended since login; kept")
             if extents and extents[-1][0] + extents[-1][1] == length:
@@ -397,12 +394,14 @@ class Maildrop:
         changed = bytes(buf[: len(self._head)]) != self._head or (
             bytes(buf[length - len(self._tail) : length]) != self._tail
         )
-        from_offset = self.listing.from_offset
-        for index in range(first, self.listing.count):
+        # Read with pread, not through the mapping: faulting a page in per message would map
+        # most of the spool again (the scan released it) just before the update.
+        pread = os.pread
+        for offset in self.listing.from_offsets(first):
             if changed:
                 break
-            offset = from_offset(index)
-            changed = buf[offset : offset + 5] != b"From " or (offset > 0 and buf[offset - 1] != 10)
+            expected = b"\nFrom " if offset else b"From "  # a From_ line, after a LF
+            changed = pread(fd, len(expected), offset - 1 if offset else 0) != expected
         if changed:
             raise MaildropTempError(
                 f"{path}: rewritten since login (a program ignoring the locks?); "

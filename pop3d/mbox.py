@@ -138,6 +138,13 @@ class Listing:
         self._check(index)
         return self._end[index]
 
+    def from_offsets(self, first: int = 0) -> array:
+        """From_ line offsets of messages first..count-1, in one array (bulk checks)."""
+        ends, seps = self._end, self._seplen
+        out = array("Q", [0] if first <= 0 < self.count else [])
+        out.extend([ends[i] + seps[i] for i in range(max(first, 1) - 1, self.count - 1)])
+        return out
+
     def from_offset(self, index: int) -> int:
         """Offset of the message's From_ line; ``from_offset(count)`` is ``scanned_length``."""
         if index == self.count:
