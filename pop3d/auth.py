@@ -20,6 +20,7 @@ __all__ = [
     "Account",
     "AuthUnavailableError",
     "HtpasswdAuthenticator",
+    "SystemAuthenticator",
     "hash_password",
     "valid_username",
 ]
@@ -51,7 +52,27 @@ _PASSLIB_SCHEMES = {"$apr1$": "apr_md5_crypt", "{SHA}": "ldap_sha1"}
 # nothing anyone can type, at the cost new hashes get, so the miss costs what a hit would.
 _DUMMY_HASH = f"$2b${limits.BCRYPT_COST:02d}$Pop3dDummySaltForMisseoPXtQQraeCCF3Tno09tMdc1QEBau5AK"
 
+# Verified when a system login is refused before PAM (unknown or ineligible account, invalid
+# name): yescrypt at Debian 12's default cost ("j9T"), what pam_unix spends on a real account,
+# so the refusal costs the same CPU time as a wrong password. Nothing hashes to it.
+_DUMMY_SYSTEM_SETTING = "$y$j9T$Pop3dDummySalt.Pop3d$"
+# Linux-PAM item types python-pam does not export (security/_pam_types.h).
+_PAM_FAIL_DELAY = 10
+# PAM results that mean "the backend is broken", not "these credentials are wrong": [SYS/TEMP].
+_PAM_UNAVAILABLE = {
+    1,  # PAM_OPEN_ERR: a module could not be loaded
+    2,  # PAM_SYMBOL_ERR
+    3,  # PAM_SERVICE_ERR
+    4,  # PAM_SYSTEM_ERR
+    5,  # PAM_BUF_ERR
+    9,  # PAM_AUTHINFO_UNAVAIL: e.g. the directory server is down
+    19,  # PAM_CONV_ERR
+    26,  # PAM_ABORT
+    28,  # PAM_MODULE_UNKNOWN
+}
+
 _UNSET = object()
+_pam_state: object = _UNSET  # (pam module, ctypes module, no-delay callback) once loaded
 _crypt_fn: object = _UNSET  # Callable[[str, str], str] | None once loaded
 
 
@@ -139,6 +160,119 @@ class HtpasswdAuthenticator:
             return _verify(secret, found)
         _verify(secret, template or _DUMMY_HASH)  # spend what a real check spends
         return False
+
+
+class SystemAuthenticator:
+    """System accounts: the password through PAM (auth and account phases), the account by pwd.
+
+    Only accounts with uid >= first_uid (never uid 0) may log in. Every refusal returns None
+    after comparable work: PAM for an eligible account, a yescrypt verification otherwise (an
+    unknown, ineligible or malformed name never reaches PAM, so it can neither lock a system
+    account through pam_faillock nor be timed against a real one). `reason` says why, for the log.
+    """
+
+    __slots__ = ("first_uid", "reason", "service")
+
+    def __init__(self, service: str, first_uid: int) -> None:
+        self.service = service
+        self.first_uid = first_uid
+        self.reason = ""
+
+    def authenticate(self, name: str | None, password: bytes, rhost: str = "unknown") -> Account | None:
+        """The account if PAM accepts `password` and the account may read mail here, else None.
+
+        Raises AuthUnavailableError when PAM itself is broken (module missing, backend down).
+        """
+        if name is None:
+            return self._refuse("invalid user name", password)
+        if len(password) > limits.MAX_PASSWORD or b"\0" in password:
+            return self._refuse("password too long or with NUL", password)
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return self._refuse("unknown user", password)
+        if entry.pw_uid == 0:
+            return self._refuse("uid 0 may not log in", password)
+        if entry.pw_uid < self.first_uid:
+            return self._refuse(f"uid {entry.pw_uid} is below first_uid {self.first_uid}", password)
+        code, reason = _pam_check(self.service, name, password, rhost)
+        if code != 0:
+            if code in _PAM_UNAVAILABLE:
+                raise AuthUnavailableError(f"PAM service {self.service!r}: {reason}")
+            self.reason = f"PAM: {reason}"
+            return None
+        self.reason = ""
+        return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+    def _refuse(self, reason: str, password: bytes) -> None:
+        self.reason = reason
+        crypt = _load_crypt()
+        if crypt is not None:
+            try:
+                crypt(_decode_password(password[: limits.MAX_PASSWORD]), _DUMMY_SYSTEM_SETTING)
+            except (ValueError, OSError):
+                pass
+        return None
+
+
+def preload_pam() -> None:
+    """Load python-pam and libpam now (~30 ms: ctypes, find_library) instead of at PASS time.
+
+    Called while the client is still typing (privilege separation) or before a privilege drop.
+    """
+    _load_pam()
+
+
+def _load_pam() -> tuple[object, object, object]:
+    global _pam_state
+    if _pam_state is _UNSET:
+        try:
+            import ctypes
+
+            import pam
+        except ImportError as exc:
+            raise AuthUnavailableError("python-pam is not installed (pip install python-pam)") from exc
+        try:
+            pam.PamAuthenticator._ensure_libs()
+        except (OSError, AttributeError, TypeError) as exc:
+            raise AuthUnavailableError(f"cannot load libpam: {exc}") from exc
+
+        @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+        def no_delay(retval: int, usec: int, appdata: object) -> None:
+            """PAM's failure delay (pam_unix: 2 s, pam_faildelay): skipped, pop3d pads instead."""
+
+        _pam_state = (pam, ctypes, no_delay)
+    return _pam_state  # type: ignore[return-value]
+
+
+def _pam_check(service: str, name: str, password: bytes, rhost: str) -> tuple[int, str]:
+    """pam_authenticate + pam_acct_mgmt for `service`: (PAM result code, its text)."""
+    pam, ctypes, no_delay = _load_pam()
+    handle = pam.PamAuthenticator()  # type: ignore[attr-defined]
+    flags = pam.PAM_SILENT | pam.PAM_DISALLOW_NULL_AUTHTOK  # type: ignore[attr-defined]
+    set_item = handle.pam_set_item
+    pam_authenticate = handle.pam_authenticate
+    pam_acct_mgmt = handle.pam_acct_mgmt
+
+    # python-pam lets a caller replace these per object; used to set items and flags it does not.
+    def authenticate(pamh: object, _flags: int) -> int:
+        # Without this, PAM sleeps ~2 s (randomised) after a failure, on top of pop3d's delay.
+        set_item(pamh, _PAM_FAIL_DELAY, ctypes.cast(no_delay, ctypes.c_void_p))  # type: ignore[attr-defined]
+        set_item(pamh, pam.PAM_RHOST, rhost.encode("ascii", "replace"))  # type: ignore[attr-defined]
+        return int(pam_authenticate(pamh, flags))
+
+    def acct_mgmt(pamh: object, _flags: int) -> int:
+        return int(pam_acct_mgmt(pamh, flags))
+
+    handle.pam_authenticate = authenticate
+    handle.pam_acct_mgmt = acct_mgmt
+    try:
+        handle.authenticate(name, password, service=service, resetcreds=False)
+    except (ValueError, TypeError, OSError) as exc:
+        return 4, f"python-pam: {exc}"  # PAM_SYSTEM_ERR
+    return int(handle.code), str(handle.reason)
 
 
 def hash_password(password: str, scheme: str = "bcrypt") -> str:

@@ -118,6 +118,8 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "log": ("syslog", _log),
     "pam_service": ("pop3d", _text),
     "first_uid": (1000, _number(1, 2**31, int)),
+    # As root: the account that runs the pre-authentication dialogue ("" = no separation).
+    "preauth_user": ("nobody", _text),
     "auth_failure_delay": (limits.DEFAULT_AUTH_FAILURE_DELAY, _number(0, 60)),
     "max_auth_failures": (limits.DEFAULT_MAX_AUTH_FAILURES, _number(1, 100, int)),
     "max_sessions": (100, _number(1, 100000, int)),

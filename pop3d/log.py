@@ -35,6 +35,14 @@ def setup(target: str) -> None:
             _target = "stderr"
 
 
+def reopen() -> None:
+    """Restore pop3d's syslog identity (a PAM module may have called openlog or closelog)."""
+    if _target == "syslog":
+        import syslog
+
+        syslog.openlog("pop3d", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
+
+
 def set_prefix(prefix: str) -> None:
     """Text put before every line (e.g. the session's user and address)."""
     global _prefix

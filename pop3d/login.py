@@ -7,6 +7,7 @@ where login successes and failures are logged. Loaded only when a client sends P
 from __future__ import annotations
 
 import os
+import time
 
 from pop3d import auth, log, maildrop, privs, protocol
 
@@ -55,19 +56,43 @@ def expand_mailbox(template: str, user: str, home: str | None) -> str:
     return "".join(out)
 
 
-def login(
-    config: Config, raw_user: bytes, password: bytes, peer: str
-) -> bytes | tuple[str, maildrop.Maildrop]:
-    """Authenticate and open the maildrop: (user, maildrop), or the response code of the failure."""
+def authenticate(config: Config, raw_user: bytes, password: bytes, peer: str) -> auth.Account | bytes:
+    """Check the credentials: the account, or the response code of the failure.
+
+    Runs with the privileges the check needs (root, for PAM and a root-only htpasswd file), and
+    touches no maildrop. Every failure is logged and answered `auth_failure_delay` seconds after
+    the check began, whatever failed and however long it took (as long as that is shorter): an
+    unknown user, a wrong password, a malformed name and a disabled account cannot be told apart.
+    """
+    started = time.monotonic()
     name = auth.valid_username(raw_user)
     shown = name if name is not None else log.escape(raw_user)
+    code = protocol.AUTH
     try:
-        account = _authenticate(config, name, password)
-        if account is None:
-            log.info(f"login failed: user={shown} rip={peer}")
-            return protocol.AUTH
-        _drop_privileges(config, account)
+        account, why = _check(config, name, password, peer)
+        if account is not None:
+            return account
+        log.info(f"login failed: user={shown} rip={peer}: {why}")
+    except LoginRefused as e:
+        log.error(f"login refused: user={shown} rip={peer}: {e}")
+        code = e.code
+    except auth.AuthUnavailableError as e:
+        log.error(f"login failed: user={shown} rip={peer}: {e}")
+        code = protocol.SYS_TEMP
+    delay = float(config.auth_failure_delay)  # type: ignore[arg-type]
+    time.sleep(max(0.0, started + delay - time.monotonic()))
+    return code
+
+
+def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | tuple[str, maildrop.Maildrop]:
+    """Become the account, then open, lock and scan its maildrop: (user, maildrop), or a code.
+
+    Nothing of the maildrop is opened, locked or read before the switch, and the spool must
+    belong to the account the session now runs as (system user, or mail_user for htpasswd).
+    """
+    try:
         path = expand_mailbox(str(config.mailbox), account.name, account.home)
+        _drop_privileges(config, account, path)
         opened = maildrop.Maildrop.open(
             path,
             locks=tuple(config.locks),  # type: ignore[arg-type]
@@ -78,30 +103,40 @@ def login(
             log=log.warning,
         )
     except LoginRefused as e:
-        log.error(f"login refused: user={shown} rip={peer}: {e}")
+        log.error(f"login refused: user={account.name} rip={peer}: {e}")
         return e.code
     except Exception as e:
+        if isinstance(e, privs.PrivilegeError) and e.fatal:
+            log.error(f"login aborted: user={account.name} rip={peer}: {e}")
+            os._exit(70)  # EX_SOFTWARE: this process may still be root; nothing more may run
         for kind, code in ERROR_CODES:
             if isinstance(e, kind):
-                log.error(f"login failed: user={shown} rip={peer}: {e}")
+                log.error(f"login failed: user={account.name} rip={peer}: {e}")
                 return code
         raise
     log.info(
-        f"login: user={account.name} rip={peer} messages={opened.listing.count} "
-        f"size={opened.listing.total_size}"
+        f"login: user={account.name} rip={peer} uid={os.geteuid()} "
+        f"messages={opened.listing.count} size={opened.listing.total_size}"
     )
     return account.name, opened
 
 
-def _authenticate(config: Config, name: str | None, password: bytes) -> auth.Account | None:
-    """The account if the credentials are right, else None (after the same work either way)."""
+def _check(config: Config, name: str | None, password: bytes, peer: str) -> tuple[auth.Account | None, str]:
+    """(account, "") if the credentials are right, else (None, why); the same work either way."""
     if config.auth == "htpasswd":
         checker = auth.HtpasswdAuthenticator(str(config.htpasswd))
         good = checker.authenticate(name if name is not None else _INVALID_NAME, password)
-        if not good or name is None:
-            return None
-        return _virtual_account(config, name)
-    raise LoginRefused("auth = system is not available yet; use auth = htpasswd")
+        if name is None:
+            return None, "invalid user name"
+        if not good:
+            return None, "unknown user or wrong password"
+        return _virtual_account(config, name), ""
+    system = auth.SystemAuthenticator(str(config.pam_service), int(config.first_uid))  # type: ignore[call-overload]
+    try:
+        account = system.authenticate(name, password, peer)
+    finally:
+        log.reopen()  # a PAM module may have called closelog(): keep ident and facility
+    return account, system.reason
 
 
 def _virtual_account(config: Config, name: str) -> auth.Account:
@@ -128,26 +163,52 @@ def preload() -> None:
     import array  # noqa: F401
     import binascii  # noqa: F401
     import fcntl  # noqa: F401
+    import grp  # noqa: F401
     import hashlib  # noqa: F401
     import mmap  # noqa: F401
+    import pwd  # noqa: F401
     import re  # noqa: F401
     import struct  # noqa: F401
 
     from pop3d import locking, mbox  # noqa: F401
 
 
-def _drop_privileges(config: Config, account: auth.Account) -> None:
-    """As root, become the account before the maildrop is touched; keep group mail for dotlocks."""
+def groups_for(config: Config, account: auth.Account, path: str) -> list[int]:
+    """The supplementary groups a session keeps: the account's own, plus `mail` only if needed.
+
+    A system user gets the groups a login gives it (initgroups); htpasswd users get mail_user's
+    primary group. `mail` is added, as Debian's MDAs (procmail, dotlockfile) have it, only
+    when the spool directory is writable through group mail and not otherwise (Debian's
+    `/var/mail` is root:mail 2775): dotlocks and the update journal are created there.
+    """
+    system = config.auth == "system"
+    groups = set(os.getgrouplist(account.name, account.gid)) if system else {account.gid}
+    mail_gid = _mail_group_needed(os.path.dirname(path), account.uid)
+    if mail_gid is not None:
+        groups.add(mail_gid)
+    return sorted(groups)
+
+
+def _mail_group_needed(directory: str, uid: int) -> int | None:
+    import grp
+    import stat
+
+    try:
+        mail_gid = grp.getgrnam("mail").gr_gid
+        st = os.stat(directory)
+    except (KeyError, OSError):
+        return None
+    mode = st.st_mode
+    if st.st_uid == uid or mode & stat.S_IWOTH or not mode & stat.S_IWGRP or st.st_gid != mail_gid:
+        return None
+    return mail_gid
+
+
+def _drop_privileges(config: Config, account: auth.Account, path: str) -> None:
+    """As root, become the account for good before the maildrop is touched (see README)."""
     preload()
     if os.geteuid() != 0:
         if os.geteuid() != account.uid:
             raise LoginRefused("cannot serve another account's maildrop without root")
         return
-    groups = [account.gid]
-    import grp
-
-    try:
-        groups.append(grp.getgrnam("mail").gr_gid)
-    except KeyError:
-        pass
-    privs.become(account.uid, account.gid, sorted(set(groups)))
+    privs.become(account.uid, account.gid, groups_for(config, account, path))

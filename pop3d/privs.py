@@ -1,4 +1,5 @@
-"""Become the account that owns the maildrop, for good, before touching it."""
+"""Become the account that owns the maildrop, for good, before touching it; confine the
+pre-authentication process. Knows nothing of POP3."""
 
 from __future__ import annotations
 
@@ -6,26 +7,94 @@ import os
 
 
 class PrivilegeError(Exception):
-    """Privileges could not be dropped, or root could be regained: the session must not go on."""
+    """Privileges could not be dropped, or root could be regained: the session must not go on.
+
+    `fatal` is set when the process may still hold root: the caller must exit at once.
+    """
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 def become(uid: int, gid: int, groups: list[int]) -> None:
-    """Irrevocably switch real, effective and saved ids to uid/gid with these supplementary groups.
+    """Irrevocably switch real, effective and saved ids to uid/gid with exactly these groups.
 
-    Order matters: groups and gid while still root, uid last. Then prove root is gone.
+    Order matters: supplementary groups and gid while still root, uid last. Then prove it:
+    every id is the target, and neither setuid(0) nor setgid(0) nor setgroups() works.
     """
     if uid == 0:
         raise PrivilegeError("refusing to serve a maildrop as root")
+    wanted = sorted(set(groups))
     try:
-        os.setgroups(groups)
+        os.setgroups(wanted)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except OSError as e:
-        raise PrivilegeError(f"cannot switch to uid {uid} gid {gid}: {e.strerror}") from None
+        raise PrivilegeError(
+            f"cannot switch to uid {uid} gid {gid}: {e.strerror}", fatal=os.geteuid() == 0
+        ) from None
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise PrivilegeError("ids did not change as requested")
+        raise PrivilegeError("ids did not change as requested", fatal=True)
+    if sorted(set(os.getgroups())) != wanted:
+        raise PrivilegeError(f"supplementary groups are {os.getgroups()}, not {wanted}", fatal=True)
+    for attempt in (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.setgroups([0])):
+        try:
+            attempt()
+        except OSError:
+            continue
+        raise PrivilegeError("root could be regained after dropping privileges", fatal=True)
+
+
+def confine(uid: int, gid: int) -> str:
+    """As root, lock the pre-authentication process up; returns what was not possible ("" if all).
+
+    In order: chroot into an empty directory that no longer exists (nothing to read, nothing can
+    be created in it), become uid/gid with no supplementary groups, then forbid new processes
+    (RLIMIT_NPROC = 0) and new descriptors (RLIMIT_NOFILE = 1 with fd 0 in use: poll(2) needs
+    nfds <= the limit, and the session polls one descriptor at a time). Code running here can
+    then neither reach a file, nor open a network connection, nor keep the client connection
+    alive in a child after the handover. Everything it needs must already be imported and open.
+    """
+    import resource
+
     try:
-        os.setuid(0)
-    except OSError:
-        return
-    raise PrivilegeError("root could be regained after dropping privileges")
+        os.fstat(0)
+    except OSError:  # keep fd 0 taken, so that the descriptor limit leaves no free number
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != 0:
+            os.dup2(null, 0, inheritable=False)
+            os.close(null)
+    missing = ""
+    try:
+        _chroot_empty()
+    except OSError as e:
+        missing = f"no chroot ({e.strerror})"
+    become(uid, gid, [])
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1, 1))
+    return missing
+
+
+def _chroot_empty() -> None:
+    """chroot into a fresh directory, then remove it: an empty root that cannot gain entries."""
+    base = "/tmp"
+    for _ in range(5):
+        path = f"{base}/pop3d-empty.{os.getpid()}.{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, 0o111)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise OSError(17, "cannot create a directory in /tmp")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchdir(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.rmdir(path)
+    os.chroot(".")
+    os.chdir("/")

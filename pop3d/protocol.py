@@ -256,10 +256,18 @@ class Pop3Core:
         self.state = TRANSACTION
         self._out += wire.ok(b"Logged in; %d messages (%d octets)." % (listing.count, listing.total_size))
 
-    def auth_failed(self, code: bytes = AUTH) -> None:
-        """Login refused. `code` says why: AUTH, IN_USE, SYS_TEMP or SYS_PERM."""
+    def auth_failed(self, code: bytes = AUTH, *, final: bool = False) -> None:
+        """Login refused. `code` says why: AUTH, IN_USE, SYS_TEMP or SYS_PERM.
+
+        `final`: the failure came after the credentials were accepted (the process has become
+        the account and cannot serve another login), so the reply is followed by the close.
+        """
         self._expect(Authenticate)
         self._user = None
+        if final:
+            self._out += REPLIES[FAILURE_REPLY.get(code, "sys_temp")]
+            self._close("login-failed")
+            return
         if code == AUTH:
             self._auth_failures += 1
             if self._auth_failures >= self.options.max_auth_failures:
@@ -267,6 +275,25 @@ class Pop3Core:
                 self._close("auth-failures")
                 return
         self._out += REPLIES[FAILURE_REPLY.get(code, "sys_temp")]
+
+    def resume(self, user: bytes, pending: bytes, commands: int = 0) -> Authenticate:
+        """Take over a session whose AUTHORIZATION dialogue ran in another process.
+
+        Privilege separation: an unprivileged process read USER/PASS, a privileged one accepted
+        them. This core continues as if PASS for `user` had just been received with `pending`
+        (what the client pipelined behind it) still unread; the driver answers the returned
+        request with `auth_succeeded` or `auth_failed`, as for any Authenticate.
+        """
+        request = Authenticate(user, b"")
+        self._user = user
+        self._awaiting = request
+        self.stats["commands"] = commands
+        self._reader.feed(pending)
+        return request
+
+    def pending_bytes(self) -> bytes:
+        """Input received but not processed yet (handed over with `resume` in another process)."""
+        return self._reader.pending_bytes()
 
     def retrieve_done(self) -> None:
         self._expect(Retrieve)
@@ -333,7 +360,10 @@ class Pop3Core:
         if handler is None:
             self._bad("wrong_state" if keyword in self._known else "unknown")
             return None
-        if keyword != b"PASS" and any(len(arg) > limits.MAX_ARGUMENT for arg in args):
+        # PASS takes the rest of the line; a USER name is judged by authentication, so that an
+        # over-long or malformed name is refused exactly like a wrong password (and addresses
+        # longer than 40 octets can log in).
+        if keyword not in (b"PASS", b"USER") and any(len(arg) > limits.MAX_ARGUMENT for arg in args):
             self._bad("syntax")
             return None
         self.stats["commands"] += 1

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from pop3d.config import Config
+    from pop3d.maildrop import Maildrop
 
 
 class SessionEnd(Exception):
@@ -264,6 +265,9 @@ class Session:
         self._refresh_every = min(limits.LOCK_REFRESH_INTERVAL, float(config.stale_lock) / 4)  # type: ignore[arg-type]
         self.end_reason = "error"
         self.deleted_count = 0
+        self.top_bytes = 0
+        self.messages_at_login = 0
+        self.size_at_login = 0
 
     def _options(self) -> protocol.Options:
         config = self.config
@@ -392,6 +396,8 @@ class Session:
                     piece = stuffer.stuff(chunk)
                     parts.append(piece)
                     held += len(piece)
+                    if request.body_lines is not None:
+                        self.top_bytes += len(piece)
             parts.append(stuffer.finish())
             if held >= limits.OUTPUT_FLUSH:
                 self.conn.write_parts(parts)
@@ -404,18 +410,28 @@ class Session:
     def _authenticate(self, request: protocol.Authenticate) -> None:
         from pop3d import login
 
-        started = time.monotonic()
-        outcome = login.login(self.config, request.user, request.password, self.peer)
-        if isinstance(outcome, bytes):
-            if outcome == protocol.AUTH:
-                # The same delay after every kind of failure: the timing tells nothing.
-                delay = float(self.config.auth_failure_delay)  # type: ignore[arg-type]
-                time.sleep(max(0.0, started + delay - time.monotonic()))
-            self.core.auth_failed(outcome)
+        # Failures come back after auth_failure_delay, whatever failed (login.authenticate).
+        account = login.authenticate(self.config, request.user, request.password, self.peer)
+        if isinstance(account, bytes):
+            self.core.auth_failed(account)
             return
-        self.user, self.maildrop = outcome
+        self.enter_transaction(login.open_maildrop(self.config, account, self.peer))
+
+    def enter_transaction(self, opened: bytes | tuple[str, Maildrop]) -> None:
+        """Complete an accepted login: TRANSACTION with the maildrop, or the error and the end.
+
+        A failure here ([IN-USE], [SYS/*]) ends the session: the process has become the account
+        and cannot serve another login.
+        """
+        if isinstance(opened, bytes):
+            self.core.auth_failed(opened, final=True)
+            return
+        self.user, self.maildrop = opened
+        listing = self.maildrop.listing
+        self.messages_at_login = listing.count
+        self.size_at_login = listing.total_size
         log.set_prefix(f"user={self.user} rip={self.peer}: ")
-        self.core.auth_succeeded(self.maildrop.listing)
+        self.core.auth_succeeded(listing)
 
     def _commit(self, request: protocol.Commit) -> None:
         assert self.maildrop is not None
@@ -454,14 +470,17 @@ class Session:
                 log.exception("releasing the maildrop")
 
     def _log_logout(self) -> None:
+        """One summary line, in the manner of Dovecot's pop3 logout format."""
+        reason = _END_REASONS.get(self.end_reason, self.end_reason)
+        traffic = f"in={self.conn.bytes_in}, out={self.conn.bytes_out}"
         if self.user is None:
-            log.info(f"disconnected before login: rip={self.peer} reason={self.end_reason}")
+            log.info(f"disconnected before login: rip={self.peer} reason={reason} {traffic}")
             return
         stats = self.core.stats
         log.info(
-            f"logout: reason={self.end_reason} top={stats['top']} "
-            f"retr={stats['retr']}/{stats['retr_bytes']} del={self.deleted_count} "
-            f"in={self.conn.bytes_in} out={self.conn.bytes_out}"
+            f"logout: reason={reason} top={stats['top']}/{self.top_bytes}, "
+            f"retr={stats['retr']}/{stats['retr_bytes']}, "
+            f"del={self.deleted_count}/{self.messages_at_login}, size={self.size_at_login}, {traffic}"
         )
 
 
@@ -473,6 +492,10 @@ def _signal_module() -> ModuleType:
     except ImportError:  # pragma: no cover - other interpreters
         import signal
     return signal
+
+
+# How a session ended, as the logout line says it (other reasons are logged as they are named).
+_END_REASONS = {"quit": "QUIT", "eof": "EOF"}
 
 
 def install_signal_handlers() -> None:
@@ -490,33 +513,52 @@ def install_signal_handlers() -> None:
 
 
 def peer_name(fd: int = 0) -> str:
-    """The client's address: from the launcher's environment, the socket, or "unknown" (pipes)."""
+    """The client's address for the log.
+
+    The socket's peer first (inetd, xinetd, tcpserver and systemd all hand over the connected
+    socket, and it cannot be spoofed by the environment), an IPv4-mapped IPv6 address shown as
+    IPv4; otherwise what a launcher put in the environment (TCPREMOTEIP from tcpserver,
+    REMOTE_HOST from xinetd, REMOTE_ADDR from systemd); otherwise "local" for a Unix socket and
+    "unknown" for pipes.
+    """
+    import stat
+
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return "unknown"
+    address: object = None
+    if is_socket:
+        try:  # the C module under `socket`: the same object without `socket`'s ~4 ms of imports
+            from _socket import socket
+        except ImportError:  # pragma: no cover - other interpreters
+            from socket import socket
+        try:
+            copy = os.dup(fd)
+        except OSError:
+            return "unknown"
+        try:
+            sock = socket(fileno=copy)
+        except OSError:
+            os.close(copy)
+            sock = None
+        if sock is not None:
+            try:
+                address = sock.getpeername()
+            except OSError:
+                address = None
+            finally:
+                sock.close()
+    if isinstance(address, tuple):
+        host = str(address[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return log.escape(host, 64)
     for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
         value = os.environ.get(var)
         if value:
             return log.escape(value, 64)
-    try:  # the C module under `socket`: the same object without `socket`'s ~4 ms of imports
-        from _socket import socket
-    except ImportError:  # pragma: no cover - other interpreters
-        from socket import socket
-    try:
-        copy = os.dup(fd)
-    except OSError:
-        return "unknown"
-    try:
-        sock = socket(fileno=copy)
-    except OSError:
-        os.close(copy)
-        return "unknown"
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return "unknown"
-    finally:
-        sock.close()
-    if isinstance(address, tuple):
-        return str(address[0])
-    return "local"
+    return "local" if is_socket else "unknown"
 
 
 def peer_is_local(fd: int) -> bool:
@@ -564,7 +606,13 @@ def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = Fals
         if not greeting_sent:
             transport.write_all(protocol.GREETING)
         install_signal_handlers()
-        session = Session(config, transport, peer or peer_name(rfd))
+        peer = peer or peer_name(rfd)
+        if os.geteuid() == 0 and config.preauth_user:
+            # Privilege separation: the dialogue before login runs unprivileged (see README).
+            from pop3d import privsep
+
+            return privsep.serve(config, transport, peer)  # type: ignore[arg-type]
+        session = Session(config, transport, peer)
         session.run()
     except SessionEnd:
         pass

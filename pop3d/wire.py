@@ -55,6 +55,10 @@ class LineReader:
         """Octets received but not yet returned as lines."""
         return len(self._buf) - self._pos
 
+    def pending_bytes(self) -> bytes:
+        """The octets received but not yet returned as lines."""
+        return bytes(self._buf[self._pos :])
+
     def discard(self) -> None:
         """Drop everything buffered (bytes pipelined behind STLS must never be executed)."""
         self._buf.clear()

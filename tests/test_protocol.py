@@ -260,7 +260,48 @@ def test_line_too_long_across_chunks(logged_in: Pop3Core) -> None:
 def test_line_of_255_octets_is_accepted(core: Pop3Core) -> None:
     line = b"USER " + b"u" * (limits.MAX_COMMAND_LINE - 7)
     assert len(line + b"\r\n") == 255
-    assert exchange(core, line + b"\r\n").startswith(b"-ERR Syntax")  # argument > 40, but parsed
+    assert exchange(core, line + b"\r\n") == b"+OK Send PASS.\r\n"  # parsed, not cut
+
+
+def test_user_name_over_40_octets_reaches_authentication(core: Pop3Core) -> None:
+    # Judged by authentication (refused like a wrong password), not by a syntax error that
+    # would tell a long name from a wrong password; long addresses must be able to log in.
+    name = b"firstname.lastname@departement.example.org"
+    assert len(name) > limits.MAX_ARGUMENT
+    _, requests = drive(core, b"USER " + name + b"\r\nPASS x\r\n")
+    assert isinstance(requests[0], Authenticate) and requests[0].user == name
+
+
+def test_resume_continues_a_session_authorized_elsewhere() -> None:
+    first = Pop3Core()
+    first.data_to_send()
+    first.receive_data(b"USER a\r\nPASS secret\r\nSTAT\r\nDELE 1\r\nQU")
+    assert isinstance(first.next_request(), Authenticate)
+    pending = first.pending_bytes()
+    assert pending == b"STAT\r\nDELE 1\r\nQU"
+    second = Pop3Core(greet=False)
+    request = second.resume(b"a", pending, commands=2)
+    assert request.user == b"a"
+    second.auth_succeeded(FakeListing([100, 200]))
+    second.receive_data(b"IT\r\n")
+    out, requests = b"", []
+    while (req := second.next_request()) is not None:
+        requests.append(req)
+        if isinstance(req, Commit):
+            second.commit_done()
+    out = second.data_to_send()
+    assert out.startswith(b"+OK Logged in; 2 messages (300 octets).\r\n+OK 2 300\r\n+OK")
+    assert isinstance(requests[0], Commit) and requests[0].deleted == frozenset({0})
+
+
+def test_final_auth_failure_closes(core: Pop3Core) -> None:
+    core.data_to_send()
+    core.receive_data(b"USER a\r\nPASS x\r\nNOOP\r\n")
+    assert isinstance(core.next_request(), Authenticate)
+    core.auth_failed(protocol.IN_USE, final=True)
+    assert core.data_to_send() == b"+OK Send PASS.\r\n" + protocol.REPLIES["in_use"]
+    close = core.next_request()
+    assert isinstance(close, Close) and close.reason == "login-failed"
 
 
 def test_bare_lf_terminators(logged_in: Pop3Core) -> None:
