@@ -1,0 +1,250 @@
+"""The privilege model's parts: the irrevocable switch, the confined pre-authentication process,
+the root monitor that a subverted child cannot talk into more guesses, spool ownership checks
+end to end, the client address in the log, and passwords that never reach a log."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, PASSWORD, Pop3Env, child_env, mbox_bytes, sample_messages
+
+from pop3d import config as cfg
+from pop3d import privs, privsep, session
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (changes uids, chroot)")
+
+
+def in_child(body: Callable[[], object]) -> object:
+    """Run `body` in a forked child (privilege changes must not touch the test process)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            result = repr(body())
+        except BaseException as e:
+            result = repr(("raised", type(e).__name__, str(e)))
+        os.write(wfd, result.encode())
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return eval(data.decode())  # our own child's repr of plain values
+
+
+# ---------------------------------------------------------------------------- privs
+
+
+def test_become_refuses_root() -> None:
+    with pytest.raises(privs.PrivilegeError, match="as root"):
+        privs.become(0, 0, [0])
+
+
+@needs_root
+def test_become_is_irrevocable() -> None:
+    nobody = pwd.getpwnam("nobody")
+
+    def body() -> object:
+        privs.become(nobody.pw_uid, nobody.pw_gid, [nobody.pw_gid])
+        refused = []
+        for name, attempt in (
+            ("setuid", lambda: os.setuid(0)),
+            ("seteuid", lambda: os.seteuid(0)),
+            ("setresuid", lambda: os.setresuid(0, 0, 0)),
+            ("setgid", lambda: os.setgid(0)),
+            ("setgroups", lambda: os.setgroups([0])),
+        ):
+            try:
+                attempt()
+            except PermissionError:
+                refused.append(name)
+        return os.getresuid(), os.getresgid(), os.getgroups(), refused
+
+    uids, gids, groups, refused = in_child(body)  # type: ignore[misc]
+    assert uids == (nobody.pw_uid,) * 3 and gids == (nobody.pw_gid,) * 3
+    assert groups == [nobody.pw_gid]
+    assert refused == ["setuid", "seteuid", "setresuid", "setgid", "setgroups"]
+
+
+@needs_root
+def test_confine_leaves_no_file_no_process_no_socket() -> None:
+    nobody = pwd.getpwnam("nobody")
+
+    def body() -> object:
+        missing = privs.confine(nobody.pw_uid, nobody.pw_gid)
+        outcomes = {"missing": missing}
+        for name, attempt in (
+            ("open", lambda: os.open("/etc/passwd", os.O_RDONLY)),
+            ("fork", os.fork),
+            ("socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)),
+            ("mkdir", lambda: os.mkdir("/x")),
+        ):
+            try:
+                attempt()
+                outcomes[name] = "allowed"
+            except OSError as e:
+                outcomes[name] = type(e).__name__
+        outcomes["ids"] = (os.getresuid(), os.getgroups())
+        return outcomes
+
+    outcomes = in_child(body)
+    assert outcomes["missing"] == ""  # type: ignore[index]
+    assert "allowed" not in outcomes.values()  # type: ignore[union-attr]
+    assert outcomes["ids"] == ((nobody.pw_uid,) * 3, [])  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------- the monitor
+
+
+def test_root_enforces_max_auth_failures_and_the_delay(env: Pop3Env) -> None:
+    """A subverted pre-authentication child asking again and again gets no extra guess."""
+    delay = 0.05
+    config = cfg.load(["-c", str(env.conf), "--auth-failure-delay", str(delay)])
+    to_root_r, to_root_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen(["sleep", "60"])  # stands in for the child process
+    conn = session.Connection(theirs.fileno(), theirs.fileno())
+    for _ in range(5):
+        privsep.send(to_root_w, b"A", (5).to_bytes(2, "big") + b"alice" + b"wrong")
+    os.close(to_root_w)
+    monitor = privsep._Monitor(config, conn, "test", child.pid, to_root_r, to_child_w)
+    started = time.monotonic()
+    assert monitor.run() == 0
+    elapsed = time.monotonic() - started
+    answers = []
+    while (frame := privsep.recv(to_child_r)) is not None:
+        answers.append(frame)
+    assert answers == [(b"F", b"AUTH")] * 3  # max_auth_failures, then nothing: the pipe closed
+    assert elapsed >= 3 * delay
+    assert not Path(f"/proc/{child.pid}").exists()  # killed and reaped
+    os.close(to_child_r)
+    ours.close()
+    theirs.close()
+
+
+def test_frames_are_bounded() -> None:
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"A" + (10**9).to_bytes(4, "big"))
+    with pytest.raises(privsep.FrameError):
+        privsep.recv(rfd)
+    os.write(wfd, b"A" + (10).to_bytes(4, "big") + b"short")
+    os.close(wfd)
+    with pytest.raises(privsep.FrameError):
+        privsep.recv(rfd)
+    os.close(rfd)
+
+
+# ---------------------------------------------------------------------------- spool safety, end to end
+
+
+def _refused(env: Pop3Env) -> bytes:
+    client = env.client()
+    client.user("alice")
+    with pytest.raises(poplib.error_proto) as info:
+        client.pass_(PASSWORD)
+    assert client.file.read() == b""  # the session ends
+    assert client.proc.wait(timeout=20) == 0
+    return info.value.args[0]
+
+
+def test_symlinked_mbox_is_refused(env: Pop3Env, tmp_path: Path) -> None:
+    data = mbox_bytes(sample_messages()[:2])
+    target = env.write_spool(data, user="elsewhere")
+    env.spool_path().symlink_to(target)
+    assert _refused(env).startswith(b"-ERR [SYS/PERM]")
+    assert target.read_bytes() == data
+    assert "alice: is a symbolic link" in env.log_text()
+    assert not (env.spool_dir / "alice.lock").exists()
+
+
+def test_hard_linked_mbox_is_refused(env: Pop3Env) -> None:
+    data = mbox_bytes(sample_messages()[:2])
+    path = env.write_spool(data)
+    os.link(path, env.spool_dir / "other")
+    assert _refused(env).startswith(b"-ERR [SYS/PERM]")
+    assert path.read_bytes() == data
+    assert "alice: has 2 hard links" in env.log_text()
+
+
+@needs_root
+def test_mbox_owned_by_another_account_is_refused(env: Pop3Env) -> None:
+    data = mbox_bytes(sample_messages()[:2])
+    path = env.write_spool(data)
+    daemon = pwd.getpwnam("daemon").pw_uid
+    os.chown(path, daemon, -1)
+    path.chmod(0o666)  # readable and writable by the session: only the owner check refuses it
+    assert _refused(env).startswith(b"-ERR [SYS/PERM]")
+    assert path.read_bytes() == data
+    assert f"owned by uid {daemon}, expected {env.account.pw_uid}" in env.log_text()
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def test_peer_name_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    rfd, wfd = os.pipe()
+    assert session.peer_name(rfd) == "unknown"
+    monkeypatch.setenv("TCPREMOTEIP", "192.0.2.7")
+    assert session.peer_name(rfd) == "192.0.2.7"  # tcpserver's variable, for a pipe
+    monkeypatch.delenv("TCPREMOTEIP")
+    monkeypatch.setenv("REMOTE_HOST", "198.51.100.1\n\x1b[2J")
+    assert session.peer_name(rfd) == "198.51.100.1\\x0a\\x1b[2J"  # escaped, never raw
+    os.close(rfd)
+    os.close(wfd)
+    a, b = socket.socketpair()
+    assert session.peer_name(a.fileno()) == "198.51.100.1\\x0a\\x1b[2J"  # a Unix socket has no address
+    monkeypatch.delenv("REMOTE_HOST")
+    assert session.peer_name(a.fileno()) == "local"
+    a.close()
+    b.close()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    monkeypatch.setenv("TCPREMOTEIP", "203.0.113.9")
+    assert session.peer_name(accepted.fileno()) == "127.0.0.1"  # the socket wins over the environment
+    for sock in (listener, client, accepted):
+        sock.close()
+
+
+def test_peer_name_ipv4_mapped() -> None:
+    try:
+        listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    except (OSError, ValueError):
+        pytest.skip("no dual-stack IPv6 socket here")
+    client = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
+    accepted, _ = listener.accept()
+    assert session.peer_name(accepted.fileno()) == "127.0.0.1"
+    for sock in (listener, client, accepted):
+        sock.close()
+
+
+@pytest.mark.parametrize("target", ["file", "stderr"])
+def test_passwords_never_reach_the_log(env: Pop3Env, target: str) -> None:
+    env.write_spool(mbox_bytes(sample_messages()[:1]))
+    if target == "stderr":
+        env.write_config(log="stderr")
+    wrong = "Wr0ng-P4ss"
+    script = (
+        f"USER alice\r\nPASS {wrong}\r\nUSER ../alice\r\nPASS {wrong}\r\n"
+        f"USER alice\r\nPASS {PASSWORD}\r\nQUIT\r\n"
+    ).encode()
+    proc = subprocess.run(env.command(), input=script, capture_output=True, timeout=30, env=child_env())
+    assert b"+OK Logged in" in proc.stdout
+    log = env.log_text() if target == "file" else proc.stderr.decode()
+    assert "login failed: user=alice rip=unknown" in log
+    assert "login: user=alice rip=unknown" in log
+    assert "logout: reason=QUIT" in log
+    assert "login failed: user=../alice rip=unknown: invalid user name" in log
+    assert wrong not in log and PASSWORD not in log

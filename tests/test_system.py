@@ -1,0 +1,439 @@
+"""System accounts through PAM, the privilege model, and authentication that gives nothing away.
+
+Real accounts (useradd + chpasswd, yescrypt), the shipped PAM file installed under a unique
+service name in /etc/pam.d (removed afterwards; the system's own files are never touched), the
+server exactly as inetd runs it, and the kernel's view of the session's ids (/proc/PID/status).
+These tests need root, as in CI; they skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import poplib
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from conftest import IS_ROOT, ROOT, Pop3Env, mbox_bytes, recv_until, sample_messages, wait_for, wire_form
+
+TOOLS = ("useradd", "chpasswd", "usermod", "userdel", "chage")
+
+pytestmark = [
+    pytest.mark.skipif(not IS_ROOT, reason="needs root: creates system accounts and drops privileges"),
+    pytest.mark.skipif(
+        not all(shutil.which(tool) for tool in TOOLS),
+        reason="needs useradd, chpasswd, usermod, userdel, chage (Debian package passwd)",
+    ),
+    pytest.mark.skipif(not Path("/etc/pam.d").is_dir(), reason="needs Linux-PAM (/etc/pam.d)"),
+]
+
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
+
+
+class Account:
+    def __init__(self, name: str, password: str, home: Path) -> None:
+        entry = pwd.getpwnam(name)
+        self.name = name
+        self.password = password
+        self.home = home
+        self.uid = entry.pw_uid
+        self.gid = entry.pw_gid
+
+
+def _run(*argv: str, stdin: str | None = None) -> None:
+    """Run an account tool; retry while another process holds the passwd/shadow lock."""
+    for _ in range(50):
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        if proc.returncode == 0:
+            return
+        if "lock" not in proc.stderr.lower():
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+
+
+@pytest.fixture(scope="module")
+def pam_service() -> Iterator[str]:
+    """The shipped pam.d/pop3d, installed under a unique service name for this module only."""
+    name = f"p3t_{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d") / name
+    shutil.copyfile(ROOT / "pam.d" / "pop3d", path)
+    try:
+        yield name
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def probe_service() -> Iterator[tuple[str, Path]]:
+    """The shipped file behind two more modules: pam_faildelay (3 s after a failure, which pop3d
+    must take over) and pam_faillock's preauth, which opens <tally dir>/<user name>: a name that
+    reaches PAM shows up as a path."""
+    name = f"p3t_{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d") / name
+    tally = Path(tempfile.mkdtemp(prefix="pop3d-faillock-"))
+    path.write_text(
+        "auth required pam_faildelay.so delay=3000000\n"
+        f"auth requisite pam_faillock.so preauth dir={tally}\n" + (ROOT / "pam.d" / "pop3d").read_text()
+    )
+    try:
+        yield name, tally
+    finally:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(tally, ignore_errors=True)
+
+
+@pytest.fixture
+def account() -> Iterator[Account]:
+    """A throwaway account (uid >= 1000, own group, a home) with a yescrypt password."""
+    name = f"p3t_{secrets.token_hex(4)}"
+    base = Path(tempfile.mkdtemp(prefix="pop3d-home-"))
+    base.chmod(0o755)  # pytest's own temporary directories are mode 700: no way in for the account
+    home = base / name
+    _run("useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", "-c", "pop3d test", name)
+    try:
+        password = f"Pw {secrets.token_hex(6)}!"
+        _run("chpasswd", "-c", "YESCRYPT", stdin=f"{name}:{password}\n")
+        with open("/etc/shadow") as f:
+            assert any(line.startswith(f"{name}:$y$") for line in f), "not a yescrypt hash"
+        yield Account(name, password, home)
+    finally:
+        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def sysenv(env: Pop3Env, pam_service: str) -> Pop3Env:
+    """The spool directory as Debian has /var/mail (root:mail 2775), auth = system."""
+    os.chown(env.spool_dir, 0, grp.getgrnam("mail").gr_gid)
+    env.spool_dir.chmod(0o2775)
+    env.write_config(auth="system", htpasswd=None, mail_user=None, pam_service=pam_service)
+    return env
+
+
+def write_spool(env: Pop3Env, account: Account, data: bytes, owner: int | None = None) -> Path:
+    path = env.spool_dir / account.name
+    path.write_bytes(data)
+    path.chmod(0o600)
+    os.chown(path, account.uid if owner is None else owner, account.gid)
+    return path
+
+
+def proc_status(pid: int) -> dict[str, list[str]]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return fields
+
+
+def ids(pid: int) -> tuple[list[int], list[int], set[int]]:
+    """(real, effective, saved, fs uids), (the same gids), supplementary groups."""
+    status = proc_status(pid)
+    return (
+        [int(x) for x in status["Uid"]],
+        [int(x) for x in status["Gid"]],
+        {int(x) for x in status["Groups"]},
+    )
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def try_login(env: Pop3Env, user: str, password: str) -> tuple[bytes, poplib.POP3]:
+    client = env.client()
+    client.user(user)
+    try:
+        return client.pass_(password), client
+    except poplib.error_proto as e:
+        return e.args[0], client
+
+
+# ---------------------------------------------------------------------------- PAM logins
+
+
+def test_pam_login_runs_as_the_account_and_logs(sysenv: Pop3Env, account: Account) -> None:
+    messages = sample_messages()[:3]
+    write_spool(sysenv, account, mbox_bytes(messages))
+    mail_gid = grp.getgrnam("mail").gr_gid
+    client = sysenv.client()
+    pid = client.proc.pid
+    client.user(account.name)
+    assert client.pass_(account.password).startswith(b"+OK Logged in; 3 messages")
+    # TRANSACTION: every uid and gid of the session process is the account's; no capability;
+    # group mail kept because the spool directory is root:mail 2775 (dotlocks, journal).
+    uids, gids, groups = ids(pid)
+    assert uids == [account.uid] * 4
+    assert gids == [account.gid] * 4
+    assert groups == {account.gid, mail_gid}
+    status = proc_status(pid)
+    assert int(status["CapEff"][0], 16) == 0 and int(status["CapPrm"][0], 16) == 0
+    assert children(pid) == []  # the pre-authentication process is gone
+    _, lines, _ = client.retr(2)
+    assert b"".join(line + b"\r\n" for line in lines) == wire_form(messages[1])
+    client.dele(1)
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    log = sysenv.log_text()
+    assert f"login: user={account.name} rip=local uid={account.uid} messages=3" in log
+    size = len(wire_form(messages[1]))
+    total = sum(len(wire_form(m)) for m in messages)
+    assert re.search(
+        rf"user={account.name} rip=local: logout: reason=QUIT top=0/0, retr=1/{size}, "
+        rf"del=1/3, size={total}, in=\d+, out=\d+\n",
+        log,
+    ), log
+    assert account.password not in log
+
+
+def test_home_directory_template_and_no_extra_group(sysenv: Pop3Env, account: Account) -> None:
+    sysenv.write_config(mailbox="%h/mbox")
+    spool = account.home / "mbox"
+    spool.write_bytes(mbox_bytes(sample_messages()[:1]))
+    os.chown(spool, account.uid, account.gid)
+    spool.chmod(0o600)
+    reply, client = try_login(sysenv, account.name, account.password)
+    assert reply.startswith(b"+OK Logged in; 1 messages")
+    uids, gids, groups = ids(client.proc.pid)
+    assert (uids, gids) == ([account.uid] * 4, [account.gid] * 4)
+    assert groups == {account.gid}  # its own home is writable: group mail is not kept
+    client.quit()
+    assert not (account.home / "mbox.lock").exists()
+
+
+def test_wrong_password_locked_expired_and_low_uid_look_the_same(sysenv: Pop3Env, account: Account) -> None:
+    write_spool(sysenv, account, mbox_bytes(sample_messages()[:1]))
+    replies = {}
+    replies["wrong password"], client = try_login(sysenv, account.name, account.password + "x")
+    client.quit()
+    _run("usermod", "-L", account.name)
+    replies["locked"], client = try_login(sysenv, account.name, account.password)
+    client.quit()
+    _run("usermod", "-U", account.name)
+    _run("usermod", "-e", "1", account.name)  # the account expired on 1970-01-02
+    replies["expired"], client = try_login(sysenv, account.name, account.password)
+    client.quit()
+    _run("usermod", "-e", "", account.name)
+    _run("chage", "-d", "0", account.name)  # right password, but the account phase says no
+    replies["must change password"], client = try_login(sysenv, account.name, account.password)
+    client.quit()
+    _run("chage", "-d", str(int(time.time() // 86400)), account.name)
+    sysenv.write_config(first_uid=account.uid + 1)
+    replies["below first_uid"], client = try_login(sysenv, account.name, account.password)
+    client.quit()
+    replies["unknown user"], client = try_login(sysenv, f"p3t_none{secrets.token_hex(3)}", "x")
+    client.quit()
+    assert set(replies.values()) == {AUTH_FAILED}, replies
+    log = sysenv.log_text()
+    assert log.count("PAM: Authentication failure") == 3  # wrong, locked, expired
+    assert "PAM: Authentication token is no longer valid; new one required" in log
+    assert f"uid {account.uid} is below first_uid" in log
+    assert "unknown user" in log
+    assert account.password not in log
+    # The same account logs in once nothing stands in the way any more.
+    sysenv.write_config(first_uid=1000)
+    reply, client = try_login(sysenv, account.name, account.password)
+    assert reply.startswith(b"+OK Logged in")
+    client.quit()
+
+
+def test_root_and_system_accounts_never_reach_pam(sysenv: Pop3Env) -> None:
+    for name in ("root", "daemon"):
+        reply, client = try_login(sysenv, name, "anything")
+        assert reply == AUTH_FAILED
+        client.quit()
+    log = sysenv.log_text()
+    assert "user=root rip=local: uid 0 may not log in" in log
+    assert "PAM" not in log
+
+
+def test_max_auth_failures_ends_the_session(sysenv: Pop3Env, account: Account) -> None:
+    client = sysenv.client()
+    for attempt in range(3):
+        client.user(account.name)
+        with pytest.raises(poplib.error_proto) as info:
+            client.pass_("wrong")
+        last = attempt == 2
+        assert info.value.args[0] == (
+            b"-ERR [AUTH] Too many authentication failures; closing." if last else AUTH_FAILED
+        )
+    assert client.file.read() == b""
+    assert client.proc.wait(timeout=20) == 0
+
+
+# ---------------------------------------------------------------------------- privileges
+
+
+def test_pre_authentication_process_is_confined(sysenv: Pop3Env) -> None:
+    nobody = pwd.getpwnam("nobody")
+    client = sysenv.client()
+    pid = client.proc.pid
+    assert wait_for(lambda: len(children(pid)) == 1)
+    (child,) = children(pid)
+    uids, gids, groups = ids(child)
+    assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4 and groups == set()
+    root = os.readlink(f"/proc/{child}/root")
+    assert root != "/" and root.endswith("(deleted)"), root  # chrooted into an empty, deleted directory
+    with open(f"/proc/{child}/limits") as f:
+        limits = f.read()
+    assert re.search(r"Max processes\s+0\s+0", limits)
+    assert re.search(r"Max open files\s+1\s+1", limits)
+    assert ids(pid)[0] == [0, 0, 0, 0]  # the monitor stays root until a login succeeds
+    client.capa()  # the child answers
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    assert not children(pid)
+
+
+def test_session_becomes_mail_user_for_htpasswd(env: Pop3Env) -> None:
+    nobody = pwd.getpwnam("nobody")
+    env.write_spool(mbox_bytes(sample_messages()[:1]))
+    reply, client = try_login(env, "alice", "s3cret pass")
+    assert reply.startswith(b"+OK Logged in")
+    uids, gids, groups = ids(client.proc.pid)
+    assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4 and groups == {nobody.pw_gid}
+    client.quit()
+
+
+def test_system_spool_owned_by_someone_else_is_refused(sysenv: Pop3Env, account: Account) -> None:
+    data = mbox_bytes(sample_messages()[:1])
+    other = pwd.getpwnam("nobody").pw_uid
+    path = write_spool(sysenv, account, data, owner=other)
+    path.chmod(0o666)  # readable by the account: only the owner check stands in the way
+    reply, client = try_login(sysenv, account.name, account.password)
+    assert reply.startswith(b"-ERR [SYS/PERM]")
+    assert client.proc.wait(timeout=20) == 0
+    assert path.read_bytes() == data
+    assert f"owned by uid {other}, expected {account.uid}" in sysenv.log_text()
+
+
+# ---------------------------------------------------------------------------- nothing given away
+
+
+def _exchange(sock: socket.socket, reader: BinaryIO, user: bytes, password: bytes = b"x") -> bytes:
+    """USER then PASS; the two reply lines."""
+    sock.sendall(b"USER " + user + b"\r\nPASS " + password + b"\r\n")
+    return reader.readline() + reader.readline()
+
+
+HOSTILE = [b"../root", b"a/b", b"-x", b"\xff\xfe", b"u" * 65, b"v" * 200]
+
+
+def _paths(trace: str) -> list[str]:
+    """The string arguments of every traced call but read() (whose strings are file contents)."""
+    strings = []
+    for line in trace.splitlines():
+        call = re.match(r"\d+ +(\w+)\(", line)
+        if call and call.group(1) != "read":
+            strings += re.findall(r'"((?:[^"\\]|\\.)*)"', line)
+    return strings
+
+
+def _touches(paths: list[str], name: bytes) -> bool:
+    """True if `name` is used as a path or a path component (as strace writes it)."""
+    forms = {
+        name.decode("latin-1"),
+        "".join(chr(b) if 0x20 <= b < 0x7F else f"\\{b:03o}" for b in name),
+        "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in name),
+    }
+    return any(p.startswith(form) or "/" + form in p for form in forms for p in paths)
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (Debian package strace)")
+def test_hostile_names_never_touch_the_filesystem(
+    sysenv: Pop3Env, account: Account, probe_service: tuple[str, Path], tmp_path: Path
+) -> None:
+    service, tally = probe_service
+    spool = write_spool(sysenv, account, mbox_bytes(sample_messages()[:1]))
+    sysenv.write_config(max_auth_failures=20, pam_service=service)
+    before = (sorted(os.listdir(sysenv.spool_dir)), os.stat(sysenv.spool_dir).st_mtime_ns)
+    trace = tmp_path / "trace"
+    ours, theirs = socket.socketpair()
+    command = ["strace", "-f", "-qq", "-s", "400", "-e", "trace=file,read", "-o", str(trace)]
+    proc = subprocess.Popen(command + sysenv.command(), stdin=theirs, stdout=theirs, cwd=str(ROOT))
+    theirs.close()
+    ours.settimeout(60)
+    reader = ours.makefile("rb")
+    try:
+        reader.readline()
+        reference = _exchange(ours, reader, account.name.encode(), b"wrong")
+        assert reference == b"+OK Send PASS.\r\n" + AUTH_FAILED + b"\r\n"
+        for name in HOSTILE:
+            assert _exchange(ours, reader, name) == reference, name
+        # Not names at all for the wire (a NUL makes a line invalid; 300 octets exceed a line):
+        # refused by the command parser, whatever the name, before any authentication.
+        assert _exchange(ours, reader, b"a\0b") == b"-ERR Unknown command.\r\n-ERR Send USER first.\r\n"
+        assert _exchange(ours, reader, b"w" * 300) == b"-ERR Line too long.\r\n-ERR Send USER first.\r\n"
+        ours.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"+OK")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ours.close()
+    after = (sorted(os.listdir(sysenv.spool_dir)), os.stat(sysenv.spool_dir).st_mtime_ns)
+    assert after == before
+    text = trace.read_text(errors="replace")
+    paths = _paths(text)
+    for name in [*HOSTILE, b"a\0b", b"w" * 300]:
+        assert not _touches(paths, name), name
+    # The root process never read a byte from the client (fd 0); the confined child did.
+    pids = [int(line.split()[0]) for line in text.splitlines() if line[:1].isdigit()]
+    monitor = pids[0]
+    reads_from_client = {int(m.group(1)) for m in re.finditer(r"^(\d+) +read\(0,", text, re.M)}
+    assert reads_from_client and monitor not in reads_from_client
+    # Control: the one name that reached PAM (the real account's) shows up as a path ...
+    assert f"{tally}/{account.name}" in paths
+    # ... and nothing of the maildrop is touched before a login succeeds.
+    assert not any(p.startswith(str(spool)) for p in paths)
+
+
+def test_unknown_user_and_wrong_password_take_the_same_time(
+    sysenv: Pop3Env, account: Account, probe_service: tuple[str, Path]
+) -> None:
+    # PAM's own delay (pam_unix 2 s, pam_faildelay 3 s here) would set wrong passwords apart.
+    delay = 0.4
+    sysenv.write_config(auth_failure_delay=delay, max_auth_failures=20, pam_service=probe_service[0])
+    sock, proc = sysenv.start()
+    recv_until(sock, b"\r\n")
+    timings: dict[str, list[float]] = {"unknown": [], "wrong": []}
+    for _ in range(4):
+        for kind in ("unknown", "wrong"):
+            user = f"p3t_none{secrets.token_hex(3)}" if kind == "unknown" else account.name
+            sock.sendall(f"USER {user}\r\n".encode())
+            recv_until(sock, b"\r\n")
+            started = time.monotonic()
+            sock.sendall(b"PASS not-the-password\r\n")
+            assert recv_until(sock, b"\r\n") == AUTH_FAILED + b"\r\n"
+            timings[kind].append(time.monotonic() - started)
+    sock.sendall(b"QUIT\r\n")
+    recv_until(sock, b"\r\n")
+    proc.wait(timeout=20)
+    unknown, wrong = timings["unknown"], timings["wrong"]
+    assert min(unknown + wrong) >= delay  # every failure waits the delay out
+    # The ranges overlap, within the delay's granularity (scheduling noise on a busy machine).
+    slack = delay / 4
+    assert max(min(unknown), min(wrong)) <= min(max(unknown), max(wrong)) + slack, timings
