@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, PASSWORD, Pop3Env, child_env, mbox_bytes, sample_messages
+from conftest import IS_ROOT, PASSWORD, Pop3Env, child_env, mbox_bytes, sample_messages, wait_for
 
 from pop3d import config as cfg
 from pop3d import privs, privsep, session
@@ -102,6 +102,27 @@ def test_confine_leaves_no_file_no_process_no_socket() -> None:
     assert outcomes["ids"] == ((nobody.pw_uid,) * 3, [])  # type: ignore[index]
 
 
+@needs_root
+def test_confined_process_still_logs_an_unexpected_error(tmp_path: Path) -> None:
+    from pop3d import log
+
+    path = tmp_path / "log"
+    nobody = pwd.getpwnam("nobody")
+
+    def body() -> object:
+        log.setup(str(path))
+        privs.confine(nobody.pw_uid, nobody.pw_gid)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("unexpected error")
+        return "done"
+
+    assert in_child(body) == "done"
+    text = path.read_text()
+    assert "unexpected error: " in text and "in body" in text and "ValueError: boom" in text
+
+
 # ---------------------------------------------------------------------------- the monitor
 
 
@@ -115,7 +136,7 @@ def test_root_enforces_max_auth_failures_and_the_delay(env: Pop3Env) -> None:
     child = subprocess.Popen(["sleep", "60"])  # stands in for the child process
     conn = session.Connection(theirs.fileno(), theirs.fileno())
     for _ in range(5):
-        privsep.send(to_root_w, b"A", (5).to_bytes(2, "big") + b"alice" + b"wrong")
+        privsep.send(to_root_w, b"A", privsep.encode_request(b"alice", b"wrong", b"", (2, 30, 40)))
     os.close(to_root_w)
     monitor = privsep._Monitor(config, conn, "test", child.pid, to_root_r, to_child_w)
     started = time.monotonic()
@@ -130,6 +151,21 @@ def test_root_enforces_max_auth_failures_and_the_delay(env: Pop3Env) -> None:
     os.close(to_child_r)
     ours.close()
     theirs.close()
+
+
+@needs_root
+def test_sigterm_before_login_ends_both_processes(env: Pop3Env) -> None:
+    from test_system import children
+
+    client = env.client()
+    pid = client.proc.pid
+    assert wait_for(lambda: len(children(pid)) == 1)
+    (child,) = children(pid)
+    client.user("alice")
+    client.proc.terminate()
+    assert client.proc.wait(timeout=20) == 0
+    assert wait_for(lambda: not Path(f"/proc/{child}").exists())
+    assert "disconnected before login: rip=local reason=signal" in env.log_text()
 
 
 def test_frames_are_bounded() -> None:
