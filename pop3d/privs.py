@@ -46,15 +46,16 @@ def become(uid: int, gid: int, groups: list[int]) -> None:
         raise PrivilegeError("root could be regained after dropping privileges", fatal=True)
 
 
-def confine(uid: int, gid: int) -> str:
+def confine(uid: int, gid: int, spare_fds: int = 0) -> str:
     """As root, lock the pre-authentication process up; returns what was not possible ("" if all).
 
     In order: chroot into an empty directory that no longer exists (nothing to read, nothing can
     be created in it), become uid/gid with no supplementary groups, then forbid new processes
-    (RLIMIT_NPROC = 0) and new descriptors (RLIMIT_NOFILE = 1 with fd 0 in use: poll(2) needs
-    nfds <= the limit, and the session polls one descriptor at a time). Code running here can
-    then neither reach a file, nor open a network connection, nor keep the client connection
-    alive in a child after the handover. Everything it needs must already be imported and open.
+    (RLIMIT_NPROC = 0) and new descriptors: RLIMIT_NOFILE is set to the lowest free descriptor
+    number plus `spare_fds` (what a TLS handshake needs), so no other descriptor can be made;
+    those already open, whatever their number, stay usable. Code running here can then neither
+    reach a file, nor open a network connection, nor keep the client connection alive in a
+    child after the handover. Everything it needs must already be imported and open.
     """
     import resource
 
@@ -72,7 +73,16 @@ def confine(uid: int, gid: int) -> str:
         missing = f"no chroot ({e.strerror})"
     become(uid, gid, [])
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1, 1))
+    lowest = 1  # fd 0 is in use (above)
+    while True:
+        try:
+            os.fstat(lowest)
+        except OSError:
+            break
+        lowest += 1
+    # poll(2) needs nfds <= the limit: the session polls one descriptor at a time.
+    limit = max(1, lowest + spare_fds)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return missing
 
 

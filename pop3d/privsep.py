@@ -2,36 +2,42 @@
 
     root process (this one)                     pre-authentication child
     greeting, fork  --------------------------> confine: chroot into an empty directory, become
-                                                `preauth_user`, no new processes or descriptors
-    waits on a pipe; reads no client byte       the AUTHORIZATION dialogue with the client
+                                                `preauth_user`, no new processes, no spare
+                                                descriptor (but what a TLS handshake needs)
+    waits on a pipe; reads no client byte       implicit TLS handshake, if configured; the
+                                                AUTHORIZATION dialogue, STLS included
                     <-- A(user, password, ------ on PASS (or AUTH): flush, then ask, with what
-                          input not processed      the client sent after PASS and the counters
-                          yet, counters)
+                          input not processed      the client sent after PASS, the counters and
+                          yet, counters, TLS?)     whether TLS is active
     login.authenticate (PAM / htpasswd, padded
     to auth_failure_delay, counted)  --------> F(code): the child answers -ERR, goes on
-    or success: kills the child, becomes the
-    account for good, opens the maildrop,
-    serves TRANSACTION from where the child was
+    success, plain connection: kills the child
+    success, TLS: -------------------------->  R: the child stays, as a relay between the TLS
+                                                connection and a socket pair to root
+    then: becomes the account for good, opens
+    the maildrop, serves TRANSACTION from where
+    the child was (on the client's socket, or on
+    the relay's socket pair)
 
-Client bytes are parsed by the unprivileged child only. Root parses nothing but the frames of
-this module (a kind byte, a 4-octet length, a bounded payload) and runs only the credential
-check. The child cannot outlive the handover with the connection (it is killed and cannot
-fork), and root enforces the failure delay and max_auth_failures itself, so even a subverted
-child gets no more guesses than a client.
+Client bytes are parsed, and TLS records decrypted, by the unprivileged child only. Root parses
+nothing but the frames of this module (a kind octet, a 4-octet length, a bounded payload) and
+runs only the credential check. After a plain login the child cannot outlive the handover with
+the connection (it is killed and cannot fork); after a TLS login it keeps only the TLS stream,
+confined as before. Root enforces the failure delay and max_auth_failures itself, so even a
+subverted child gets no more guesses than a client.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 
 from pop3d import log, protocol
-from pop3d.session import Session, SessionEnd
+from pop3d.session import Connection, Session, SessionEnd, _signal_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pop3d.config import Config
-    from pop3d.session import Connection
+    from pop3d.session import TlsConnection
 
 # Frames larger than this are a protocol violation: credentials are at most a SASL line each,
 # the pending input at most what the session buffers (limits.MAX_PENDING_INPUT + a read).
@@ -39,6 +45,9 @@ _MAX_FRAME = 256 * 1024
 _CODES = (protocol.AUTH, protocol.IN_USE, protocol.SYS_TEMP, protocol.SYS_PERM)
 # Seconds a child asked to stop (SIGTERM) has before it is killed.
 _TERM_GRACE = 2.0
+# Relay: client bytes buffered towards root before the TLS side stops being read.
+_RELAY_BUFFER = 256 * 1024
+_SECURE = 1  # request flag: TLS is active in the child
 _CONFIG_ERROR = b"-ERR [SYS/PERM] Server configuration error; contact the administrator.\r\n"
 
 
@@ -46,10 +55,15 @@ class FrameError(Exception):
     """The other process broke the framing: end the session."""
 
 
-def serve(config: Config, conn: Connection, peer: str) -> int:
-    """Serve one session (greeting already sent) with the dialogue in a confined child."""
+def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = True) -> int:
+    """Serve one session with the dialogue (and any TLS) in a confined child.
+
+    The greeting has been sent unless `greeting_sent` is false, which it is only for implicit
+    TLS: then the child sends it, after the handshake.
+    """
     import pwd
 
+    signal = _signal_module()
     name = str(config.preauth_user)
     try:
         entry = pwd.getpwnam(name)
@@ -57,14 +71,19 @@ def serve(config: Config, conn: Connection, peer: str) -> int:
         entry = None
     if entry is None or entry.pw_uid == 0:
         log.error(f"preauth_user {name!r} does not exist or is root: cannot serve")
-        _reply(conn, _CONFIG_ERROR)
+        if greeting_sent:
+            _reply(conn, _CONFIG_ERROR)
         return 0
+    if config.tls == "implicit" and not conn.is_socket():
+        log.error("tls = implicit needs a socket on standard input and output")
+        return 78
     _preload_child()
     import gc
 
     gc.freeze()  # a collection in either process would touch, and so copy, every shared page
     to_root_r, to_root_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
+    relay = _relay_pair() if config.tls != "none" else None
     # Until each side is inside its handler, a SIGTERM must wait: no child may be left behind.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     try:
@@ -72,23 +91,38 @@ def serve(config: Config, conn: Connection, peer: str) -> int:
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         log.error(f"cannot fork the pre-authentication process: {e.strerror}")
-        _reply(conn, protocol.REPLIES["sys_temp"])
+        if greeting_sent:
+            _reply(conn, protocol.REPLIES["sys_temp"])
         return 0
     if pid == 0:
         status = 70
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(to_root_r)
-            os.close(to_child_w)
-            status = _child(config, conn, peer, entry.pw_uid, entry.pw_gid, to_root_w, to_child_r)
+            for fd in (to_root_r, to_child_w, *(relay[:1] if relay else ())):
+                os.close(fd)
+            child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1)
+            status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
         except BaseException:
             log.exception("pre-authentication process")
         finally:
             os._exit(status)
-    monitor = _Monitor(config, conn, peer, pid, to_root_r, to_child_w)
+    if relay:
+        os.close(relay[1])
+    monitor = _Monitor(config, conn, peer, pid, to_root_r, to_child_w, relay[0] if relay else -1)
     os.close(to_root_w)
     os.close(to_child_r)
     return monitor.run(mask)
+
+
+def _relay_pair() -> tuple[int, int]:
+    """A connected stream socket pair (root's end, the child's end), made before the child is
+    confined: afterwards it could not make one."""
+    try:
+        from _socket import socketpair
+    except ImportError:  # pragma: no cover - other interpreters
+        from socket import socketpair
+    ours, theirs = socketpair()
+    return ours.detach(), theirs.detach()
 
 
 # ------------------------------------------------------------------------------ root side
@@ -97,16 +131,20 @@ def serve(config: Config, conn: Connection, peer: str) -> int:
 class _Monitor:
     """The root process while the child talks to the client: one credential check per request."""
 
-    def __init__(self, config: Config, conn: Connection, peer: str, pid: int, rfd: int, wfd: int) -> None:
+    def __init__(
+        self, config: Config, conn: Connection, peer: str, pid: int, rfd: int, wfd: int, relay: int = -1
+    ) -> None:
         self.config = config
         self.conn = conn
         self.peer = peer
         self.pid = pid
         self.rfd = rfd
         self.wfd = wfd
+        self.relay = relay
 
-    def run(self, mask: set[signal.Signals] | None = None) -> int:
+    def run(self, mask: object = None) -> int:
         """Answer the child's credential checks; then serve the session, or end with the child."""
+        signal = _signal_module()
         failures = 0
         allowed = int(self.config.max_auth_failures)  # type: ignore[call-overload]
         try:  # from the first instruction: a SIGTERM anywhere must also end the child
@@ -129,15 +167,28 @@ class _Monitor:
                 if kind != b"A" or failures >= allowed:
                     raise FrameError(f"unexpected frame {kind!r} after {failures} failures")
                 request = _parse_request(payload)
+                if request.secure and self.relay < 0:
+                    raise FrameError("TLS reported, but TLS is not configured")
                 outcome = login.authenticate(self.config, request.user, request.password, self.peer)
                 if isinstance(outcome, bytes):
                     failures += outcome == protocol.AUTH
                     send(self.wfd, b"F", outcome)
                     continue
+                if request.secure:
+                    # The TLS state is the child's: it stays, as a relay, and is reaped at the end.
+                    send(self.wfd, b"R", b"")
+                    conn = Connection(self.relay, self.relay)
+                    conn.secure = True
+                    self.relay = -1
+                    try:
+                        return self._transaction(conn, request, outcome)
+                    finally:
+                        os.close(conn.rfd)  # the relay sees the end, says it to the client, exits
+                        self._stop(None)
                 # The child is waiting for the answer and reads nothing meanwhile: whatever the
                 # client sent after the request is in `pending` or still in the socket.
                 self._stop(signal.SIGKILL)
-                return self._transaction(request, outcome)
+                return self._transaction(self.conn, request, outcome)
         except FrameError as e:
             log.error(f"pre-authentication process: {e}; ending the session")
             self._stop(signal.SIGKILL)
@@ -157,6 +208,7 @@ class _Monitor:
         A child asked to stop with SIGTERM gets a moment to log how the session ended; one
         that does not stop then is killed.
         """
+        signal = _signal_module()
         if self.pid:
             if signum is not None:
                 _signal(self.pid, signum)
@@ -169,20 +221,21 @@ class _Monitor:
                 _signal(self.pid, signal.SIGKILL)
             _reaped(self.pid, 0)
             self.pid = 0
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.rfd = self.wfd = -1
+        for fd in (self.rfd, self.wfd, self.relay):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.rfd = self.wfd = self.relay = -1
 
-    def _transaction(self, request: _Request, account: object) -> int:
-        """The child is gone: become the account, open the maildrop, serve the session."""
+    def _transaction(self, conn: Connection, request: _Request, account: object) -> int:
+        """The child is out of the way: become the account, open the maildrop, serve the session."""
         from pop3d import login
 
-        self.conn.bytes_in += request.bytes_in
-        self.conn.bytes_out += request.bytes_out
-        session = Session(self.config, self.conn, self.peer)
+        conn.bytes_in += request.bytes_in
+        conn.bytes_out += request.bytes_out
+        session = Session(self.config, conn, self.peer)
         session.core.resume(request.user, request.pending, request.commands)
         session.enter_transaction(login.open_maildrop(self.config, account, self.peer))  # type: ignore[arg-type]
         session.run()
@@ -192,28 +245,49 @@ class _Monitor:
 class _Request:
     """A credential check asked by the child, with the state root needs to take the session over."""
 
-    __slots__ = ("bytes_in", "bytes_out", "commands", "password", "pending", "user")
+    __slots__ = ("bytes_in", "bytes_out", "commands", "password", "pending", "secure", "user")
 
     def __init__(self, user: bytes, password: bytes, pending: bytes, numbers: list[int]) -> None:
         self.user = user
         self.password = password
         self.pending = pending
-        self.commands, self.bytes_in, self.bytes_out = numbers
+        self.commands, self.bytes_in, self.bytes_out, flags = numbers
+        self.secure = bool(flags & _SECURE)
 
     def __repr__(self) -> str:  # never the password
         return f"_Request(user={self.user!r})"
 
 
-def encode_request(user: bytes, password: bytes, pending: bytes, numbers: tuple[int, int, int]) -> bytes:
-    """Counters (3 x 8 octets), user (2-octet length), password (4-octet length), pending input."""
+_NUMBERS = 4  # commands, bytes in, bytes out, flags: 8 octets each
+_HEADER = 8 * _NUMBERS
+
+
+def encode_request(
+    user: bytes, password: bytes, pending: bytes, numbers: tuple[int, int, int], secure: bool = False
+) -> bytes:
+    """Counters and flags (4 x 8 octets), user (2-octet length), password (4-octet length), pending."""
     return (
-        b"".join(n.to_bytes(8, "big") for n in numbers)
+        b"".join(n.to_bytes(8, "big") for n in (*numbers, _SECURE if secure else 0))
         + len(user).to_bytes(2, "big")
         + user
         + len(password).to_bytes(4, "big")
         + password
         + pending
     )
+
+
+def _parse_request(payload: bytes) -> _Request:
+    if len(payload) < _HEADER + 2:
+        raise FrameError("short request frame")
+    numbers = [int.from_bytes(payload[i : i + 8], "big") for i in range(0, _HEADER, 8)]
+    user_end = _HEADER + 2 + int.from_bytes(payload[_HEADER : _HEADER + 2], "big")
+    if len(payload) < user_end + 4:
+        raise FrameError("malformed request frame")
+    password_end = user_end + 4 + int.from_bytes(payload[user_end : user_end + 4], "big")
+    if len(payload) < password_end:
+        raise FrameError("malformed request frame")
+    user, password = payload[_HEADER + 2 : user_end], payload[user_end + 4 : password_end]
+    return _Request(user, password, payload[password_end:], numbers)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -234,53 +308,132 @@ def _reaped(pid: int, flags: int) -> bool:
             return True
 
 
-def _parse_request(payload: bytes) -> _Request:
-    if len(payload) < 26:
-        raise FrameError("short request frame")
-    numbers = [int.from_bytes(payload[i : i + 8], "big") for i in (0, 8, 16)]
-    user_end = 26 + int.from_bytes(payload[24:26], "big")
-    if len(payload) < user_end + 4:
-        raise FrameError("malformed request frame")
-    password_end = user_end + 4 + int.from_bytes(payload[user_end : user_end + 4], "big")
-    if len(payload) < password_end:
-        raise FrameError("malformed request frame")
-    return _Request(
-        payload[26:user_end], payload[user_end + 4 : password_end], payload[password_end:], numbers
-    )
-
-
 # ------------------------------------------------------------------------------ child side
+
+
+class _Child:
+    """The pre-authentication process: confined, then the dialogue; perhaps a TLS relay after."""
+
+    def __init__(self, config: Config, conn: Connection, peer: str, wfd: int, rfd: int, relay: int) -> None:
+        self.config = config
+        self.conn = conn
+        self.peer = peer
+        self.wfd = wfd
+        self.rfd = rfd
+        self.relay = relay
+
+    def run(self, uid: int, gid: int, greeting_sent: bool) -> int:
+        from pop3d import privs, session
+
+        config = self.config
+        # Descriptors it may still make: one for the TLS socket object, one for the moment
+        # plaintext_on_loopback looks at the peer (session.peer_is_local).
+        spare = (config.tls != "none") + bool(config.plaintext_on_loopback)
+        missing = privs.confine(uid, gid, spare)
+        if missing:
+            log.warning(f"pre-authentication process: {missing}")
+        transport: Connection | TlsConnection = self.conn
+        if config.tls == "implicit":
+            try:
+                transport = session.start_tls(config, self.conn, self.peer)
+            except SessionEnd:
+                return 0  # logged: the handshake failed, timed out, or the client left
+        if not greeting_sent:
+            transport.write_all(protocol.GREETING)
+        PreauthSession(config, transport, self.peer, self).run()
+        return 0
 
 
 class PreauthSession(Session):
     """The AUTHORIZATION dialogue, unprivileged: credentials go to the root process to check."""
 
-    def __init__(self, config: Config, conn: Connection, peer: str, wfd: int, rfd: int) -> None:
+    def __init__(self, config: Config, conn: Connection | TlsConnection, peer: str, child: _Child) -> None:
         super().__init__(config, conn, peer)
-        self.wfd = wfd
-        self.rfd = rfd
+        self.child = child
 
     def _authenticate(self, request: protocol.Authenticate) -> None:
-        """Ask root; a success is answered by root itself, after it has killed this process."""
+        """Ask root. A success is answered by root itself: after it has killed this process, or,
+        with TLS, through this process become a relay (which never returns)."""
         self._flush()  # earlier replies (USER's +OK) go out first
         numbers = (self.core.stats["commands"], self.conn.bytes_in, self.conn.bytes_out)
-        payload = encode_request(request.user, request.password, self.core.pending_bytes(), numbers)
-        send(self.wfd, b"A", payload)
-        frame = recv(self.rfd)
+        pending = self.core.pending_bytes()
+        payload = encode_request(request.user, request.password, pending, numbers, self.conn.secure)
+        send(self.child.wfd, b"A", payload)
+        frame = recv(self.child.rfd)
+        if frame is not None and frame[0] == b"R" and self.conn.secure and self.child.relay >= 0:
+            status = 0
+            try:
+                relay(self.conn, self.child.relay)  # type: ignore[arg-type]
+            except BaseException:
+                status = 1
+            os._exit(status)
         if frame is None or frame[0] != b"F":
             raise SessionEnd("error")  # root is gone, or broke the framing
         code = frame[1]
         self.core.auth_failed(code if code in _CODES else protocol.SYS_TEMP)
 
 
-def _child(config: Config, conn: Connection, peer: str, uid: int, gid: int, wfd: int, rfd: int) -> int:
-    from pop3d import privs
+def relay(tls: TlsConnection, fd: int) -> None:
+    """Copy plaintext between the client's TLS connection and root's session on `fd`, until root
+    closes its end; then close TLS properly.
 
-    missing = privs.confine(uid, gid)
-    if missing:
-        log.warning(f"pre-authentication process: {missing}")
-    PreauthSession(config, conn, peer, wfd, rfd).run()
-    return 0
+    Never blocks on `fd` (root may be busy writing to it): client bytes wait in a bounded buffer,
+    and the client is not read while it is full. Writes to the client block (with the write
+    timeout), as they would in the session itself.
+    """
+    import select
+
+    try:
+        from _socket import SHUT_WR, socket
+    except ImportError:  # pragma: no cover - other interpreters
+        from socket import SHUT_WR, socket
+
+    os.set_blocking(fd, False)
+    tls_fd = tls.sock.fileno()
+    to_root = bytearray()
+    client_open = True
+    shut = False
+    while True:
+        readers = [fd]
+        if client_open and len(to_root) < _RELAY_BUFFER:
+            readers.append(tls_fd)
+        writers = [fd] if to_root else []
+        # Decrypted bytes may wait inside the TLS object, where select() cannot see them; the
+        # timeout also retries a read that needed the socket writable (rare: renegotiation is off).
+        waiting = client_open and len(to_root) < _RELAY_BUFFER and tls.wait_readable(0)
+        readable, writable, _ = select.select(readers, writers, [], 0 if waiting else 1.0)
+        if waiting or tls_fd in readable:
+            data = tls.read()
+            if data == b"":
+                client_open = False
+            elif data:
+                to_root += data
+        if to_root and (fd in writable or not writers):
+            try:
+                written = os.write(fd, to_root)
+            except BlockingIOError:
+                written = 0
+            del to_root[:written]
+        if not client_open and not to_root and not shut:
+            sock = socket(fileno=fd)
+            try:
+                sock.shutdown(SHUT_WR)  # root's session sees the client's end of input
+            except OSError:
+                pass
+            finally:
+                sock.detach()
+            shut = True
+        if fd in readable:
+            try:
+                data = os.read(fd, 256 * 1024)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                break
+            tls.write_all(data)
+    tls.close()
 
 
 def _preload_child() -> None:

@@ -256,18 +256,10 @@ class Pop3Core:
         self.state = TRANSACTION
         self._out += wire.ok(b"Logged in; %d messages (%d octets)." % (listing.count, listing.total_size))
 
-    def auth_failed(self, code: bytes = AUTH, *, final: bool = False) -> None:
-        """Login refused. `code` says why: AUTH, IN_USE, SYS_TEMP or SYS_PERM.
-
-        `final`: the failure came after the credentials were accepted (the process has become
-        the account and cannot serve another login), so the reply is followed by the close.
-        """
+    def auth_failed(self, code: bytes = AUTH) -> None:
+        """Login refused. `code` says why: AUTH, IN_USE, SYS_TEMP or SYS_PERM."""
         self._expect(Authenticate)
         self._user = None
-        if final:
-            self._out += REPLIES[FAILURE_REPLY.get(code, "sys_temp")]
-            self._close("login-failed")
-            return
         if code == AUTH:
             self._auth_failures += 1
             if self._auth_failures >= self.options.max_auth_failures:

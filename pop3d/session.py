@@ -418,13 +418,10 @@ class Session:
         self.enter_transaction(login.open_maildrop(self.config, account, self.peer))
 
     def enter_transaction(self, opened: bytes | tuple[str, Maildrop]) -> None:
-        """Complete an accepted login: TRANSACTION with the maildrop, or the error and the end.
-
-        A failure here ([IN-USE], [SYS/*]) ends the session: the process has become the account
-        and cannot serve another login.
-        """
+        """Complete an accepted login: TRANSACTION with the maildrop, or the error ([IN-USE],
+        [SYS/*]). After such an error the process is the account: only it can log in again."""
         if isinstance(opened, bytes):
-            self.core.auth_failed(opened, final=True)
+            self.core.auth_failed(opened)
             return
         self.user, self.maildrop = opened
         listing = self.maildrop.listing
@@ -471,7 +468,7 @@ class Session:
 
     def _log_logout(self) -> None:
         """One summary line, in the manner of Dovecot's pop3 logout format."""
-        reason = _END_REASONS.get(self.end_reason, self.end_reason)
+        reason = self.end_reason
         traffic = f"in={self.conn.bytes_in}, out={self.conn.bytes_out}"
         if self.user is None:
             log.info(f"disconnected before login: rip={self.peer} reason={reason} {traffic}")
@@ -492,10 +489,6 @@ def _signal_module() -> ModuleType:
     except ImportError:  # pragma: no cover - other interpreters
         import signal
     return signal
-
-
-# How a session ended, as the logout line says it (other reasons are logged as they are named).
-_END_REASONS = {"quit": "QUIT", "eof": "EOF"}
 
 
 def install_signal_handlers() -> None:
@@ -594,6 +587,16 @@ def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = Fals
     conn = Connection(rfd, wfd)
     transport: Connection | TlsConnection = conn
     try:
+        if os.geteuid() == 0 and config.preauth_user:
+            # Privilege separation: the dialogue before login (and any TLS) runs unprivileged,
+            # in a child; see privsep. With implicit TLS the child greets, after its handshake.
+            if config.tls != "implicit" and not greeting_sent:
+                conn.write_all(protocol.GREETING)
+                greeting_sent = True
+            install_signal_handlers()
+            from pop3d import privsep
+
+            return privsep.serve(config, conn, peer_name(rfd), greeting_sent)
         peer = None
         if config.tls == "implicit":
             # RFC 8314 implicit TLS: the handshake comes before the greeting.
@@ -606,13 +609,7 @@ def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = Fals
         if not greeting_sent:
             transport.write_all(protocol.GREETING)
         install_signal_handlers()
-        peer = peer or peer_name(rfd)
-        if os.geteuid() == 0 and config.preauth_user:
-            # Privilege separation: the dialogue before login runs unprivileged (see README).
-            from pop3d import privsep
-
-            return privsep.serve(config, transport, peer)  # type: ignore[arg-type]
-        session = Session(config, transport, peer)
+        session = Session(config, transport, peer or peer_name(rfd))
         session.run()
     except SessionEnd:
         pass

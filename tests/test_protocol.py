@@ -294,16 +294,6 @@ def test_resume_continues_a_session_authorized_elsewhere() -> None:
     assert isinstance(requests[0], Commit) and requests[0].deleted == frozenset({0})
 
 
-def test_final_auth_failure_closes(core: Pop3Core) -> None:
-    core.data_to_send()
-    core.receive_data(b"USER a\r\nPASS x\r\nNOOP\r\n")
-    assert isinstance(core.next_request(), Authenticate)
-    core.auth_failed(protocol.IN_USE, final=True)
-    assert core.data_to_send() == b"+OK Send PASS.\r\n" + protocol.REPLIES["in_use"]
-    close = core.next_request()
-    assert isinstance(close, Close) and close.reason == "login-failed"
-
-
 def test_bare_lf_terminators(logged_in: Pop3Core) -> None:
     assert exchange(logged_in, b"STAT\nNOOP\n") == b"+OK 3 600\r\n+OK\r\n"
 

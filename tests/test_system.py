@@ -201,7 +201,7 @@ def test_pam_login_runs_as_the_account_and_logs(sysenv: Pop3Env, account: Accoun
     size = len(wire_form(messages[1]))
     total = sum(len(wire_form(m)) for m in messages)
     assert re.search(
-        rf"user={account.name} rip=local: logout: reason=QUIT top=0/0, retr=1/{size}, "
+        rf"user={account.name} rip=local: logout: reason=quit top=0/0, retr=1/{size}, "
         rf"del=1/3, size={total}, in=\d+, out=\d+\n",
         log,
     ), log
@@ -299,7 +299,11 @@ def test_pre_authentication_process_is_confined(sysenv: Pop3Env) -> None:
     with open(f"/proc/{child}/limits") as f:
         limits = f.read()
     assert re.search(r"Max processes\s+0\s+0", limits)
-    assert re.search(r"Max open files\s+1\s+1", limits)
+    files = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits)
+    assert files and files.group(1) == files.group(2)
+    # Every descriptor number below the limit is taken: not one more can be made.
+    open_fds = {int(fd) for fd in os.listdir(f"/proc/{child}/fd")}
+    assert set(range(int(files.group(1)))) <= open_fds
     assert ids(pid)[0] == [0, 0, 0, 0]  # the monitor stays root until a login succeeds
     client.capa()  # the child answers
     client.quit()
@@ -324,6 +328,7 @@ def test_system_spool_owned_by_someone_else_is_refused(sysenv: Pop3Env, account:
     path.chmod(0o666)  # readable by the account: only the owner check stands in the way
     reply, client = try_login(sysenv, account.name, account.password)
     assert reply.startswith(b"-ERR [SYS/PERM]")
+    client.quit()
     assert client.proc.wait(timeout=20) == 0
     assert path.read_bytes() == data
     assert f"owned by uid {other}, expected {account.uid}" in sysenv.log_text()
@@ -437,3 +442,38 @@ def test_unknown_user_and_wrong_password_take_the_same_time(
     # The ranges overlap, within the delay's granularity (scheduling noise on a busy machine).
     slack = delay / 4
     assert max(min(unknown), min(wrong)) <= min(max(unknown), max(wrong)) + slack, timings
+
+
+def test_tls_session_keeps_tls_in_the_confined_child(sysenv: Pop3Env, account: Account) -> None:
+    """With STLS the TLS state lives in the pre-authentication child: after the login it stays,
+    still confined, as a relay; the session process is the account and holds no TLS state."""
+    from test_tls import Certs
+
+    certs = Certs(sysenv.base)
+    sysenv.write_config(**certs.settings())
+    messages = sample_messages()
+    write_spool(sysenv, account, mbox_bytes(messages))
+    client = sysenv.client()
+    pid = client.proc.pid
+    client.stls(context=certs.client_context())
+    # Pipelined in one TLS record: what follows PASS reaches the session process intact.
+    client.sock.sendall(f"USER {account.name}\r\nPASS {account.password}\r\nSTAT\r\nLIST 2\r\n".encode())
+    assert client._getline()[0] == b"+OK Send PASS."
+    assert client._getline()[0].startswith(b"+OK Logged in; 5 messages")
+    assert client._getline()[0].startswith(b"+OK 5 ")
+    assert client._getline()[0] == b"+OK 2 %d" % len(wire_form(messages[1]))
+    (relay,) = children(pid)
+    nobody = pwd.getpwnam("nobody")
+    assert ids(relay)[0] == [nobody.pw_uid] * 4 and os.readlink(f"/proc/{relay}/root") != "/"
+    assert ids(pid)[0] == [account.uid] * 4
+    for number, message in enumerate(messages, 1):
+        _, lines, _ = client.retr(number)
+        assert b"".join(line + b"\r\n" for line in lines) == wire_form(message)
+    client.dele(1)
+    assert client.quit() == b"+OK Bye; 4 messages left."
+    assert client.proc.wait(timeout=20) == 0
+    assert not Path(f"/proc/{relay}").exists()
+    assert (sysenv.spool_dir / account.name).read_bytes() == mbox_bytes(messages[1:])
+    log = sysenv.log_text()
+    assert f"user={account.name} rip=local: logout: reason=quit top=0/0, retr=5/" in log
+    assert "Traceback" not in log
