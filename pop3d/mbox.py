@@ -327,7 +327,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
     seplen = bytearray()
     digests = bytearray()
 
-    def begin(q: int, s: int, chunk: bytes, base: int) -> None:
+    def begin(q: int, s: int, chunk: bytes, base: int, cr: bool = True) -> None:
         """Digest of a new message's From_ line + header block, read while its pages are hot.
 
         Searched in the window when it holds the header (chunk offsets from base), else in buf.
@@ -336,7 +336,13 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
         """
         hl = s + 2 * cap if s + 2 * cap < n else n
         top = hl - base
-        blank = _blank_line(chunk, s - 1 - base, top if top < len(chunk) else len(chunk), w)
+        end = top if top < len(chunk) else len(chunk)
+        if cr:
+            blank = _blank_line(chunk, s - 1 - base, end, w)
+        else:  # no CR in the window: the first LF LF is the first empty line
+            blank = chunk.find(b"\n\n", s - 1 - base, end)
+            if blank >= 0:
+                blank += 1
         if blank >= 0:
             block = chunk[q - base : blank]
         elif top <= len(chunk):
@@ -420,7 +426,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
             q = p + 1
             k = chunk.find(b"\n", j + 1)
             s = (base + k if k >= 0 else _find_lf(buf, base + len(chunk), n, w, release)) + 1 or n
-            begin(q, s, chunk, base)
+            begin(q, s, chunk, base, cr)
             from_crlf = buf[s - 2] == 13
             lf = crlf = quoted = 0
             cur = j + 1

@@ -355,7 +355,11 @@ class Pop3Core:
         # PASS takes the rest of the line; a USER name is judged by authentication, so that an
         # over-long or malformed name is refused exactly like a wrong password (and addresses
         # longer than 40 octets can log in).
-        if keyword not in (b"PASS", b"USER") and any(len(arg) > limits.MAX_ARGUMENT for arg in args):
+        if (
+            len(rest) > limits.MAX_ARGUMENT  # else no argument can be longer (one check, not a loop)
+            and keyword not in (b"PASS", b"USER")
+            and any(len(arg) > limits.MAX_ARGUMENT for arg in args)
+        ):
             self._bad("syntax")
             return None
         self.stats["commands"] += 1
