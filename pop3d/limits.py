@@ -58,6 +58,9 @@ RETR_CHUNK = 256 * 1024
 # mbox: bytes per bulk search/count window of the scanner: amortises Python's per-call cost, stays
 # in cache, and bounds RSS (scanned pages of the mapping are released behind the window).
 MBOX_SCAN_WINDOW = 512 * 1024
+# mbox: spools this large are scanned in two halves at once (a forked helper takes the second):
+# login+STAT of a big spool is bound by CPython's ~1.5 GB/s bytes.count; a fork costs ~1 ms.
+MBOX_PARALLEL_SCAN = 32 * 1024 * 1024
 # mbox: octets of From_ line + header block hashed into a UID (bounded work for a giant header).
 # Changing it renames the UIDs of messages whose headers are longer: clients re-download those.
 UID_HEADER_CAP = 64 * 1024

@@ -40,6 +40,7 @@ it on the needle's first octet, a rare LF, and it beats ``find`` here), sizes wi
 from __future__ import annotations
 
 import mmap
+import os
 from array import array
 
 from pop3d import limits
@@ -301,9 +302,11 @@ def _dedup(digests: bytearray, count: int) -> dict[int, int]:
     return dups
 
 
-def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
+def scan(buf: Buffer, fmt: str = "mboxo", parallel_min: int = limits.MBOX_PARALLEL_SCAN) -> Listing:
     """Scan a whole spool (a read-only mmap, or bytes) into a Listing.
 
+    A spool of parallel_min octets or more is scanned in two halves at once, the second by a
+    forked process (see _scan_parallel); the listing is the same either way.
     Raises MboxFormatError when non-empty data does not start with a From_ line, ValueError for an
     unknown fmt ("mboxo" or "mboxrd").
     """
@@ -313,6 +316,125 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
         return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
     if buf[:5] != b"From ":
         raise MboxFormatError("not an mbox spool: no From_ line at the start")
+    split = 0
+    if n >= parallel_min > 0:
+        # The second half starts at a From_ line after a blank line: a message boundary for sure.
+        # (Looked for in a bounded stretch: a giant message in the middle means no split.)
+        k = buf.find(b"\n\nFrom ", n // 2, n // 2 + limits.MBOX_SCAN_WINDOW * 16)
+        split = k + 2 if k >= 0 else 0
+    parts = _scan_parallel(buf, split, n, rd) if split else _scan_range(buf, 0, n, rd)
+    return Listing(*parts, None, n)
+
+
+_Parts = tuple[array, array, array, bytearray, bytearray]
+
+
+def _scan_parallel(buf: Buffer, split: int, n: int, rd: bool) -> _Parts:
+    """[0, split) here and [split, n) in a forked child at the same time, then joined.
+
+    Two cores halve the wall time of the scan (bytes.count and rfind run at ~1.5 GB/s each in
+    CPython: one process cannot go faster). The child shares the read-only mapping, sends its
+    arrays through a pipe and leaves with os._exit: no cleanup, no lock of ours is touched
+    (fcntl locks are not inherited; the dotlock is a file). Any failure of the child (fork
+    refused, killed, short answer) and the parent scans the second half itself.
+    """
+    import struct
+
+    try:
+        rfd, wfd = os.pipe()
+    except OSError:
+        return _join(_scan_range(buf, 0, split, rd), _scan_range(buf, split, n, rd), split)
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = -1
+    if pid == 0:  # the child: scan, answer, vanish
+        status = 1
+        try:
+            os.close(rfd)
+            parts = _scan_range(buf, split, n, rd)
+            blobs = [bytes(part) if isinstance(part, bytearray) else part.tobytes() for part in parts]
+            data = b"".join([struct.pack("<5Q", *map(len, blobs)), *blobs])
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view) :]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    try:
+        first = _scan_range(buf, 0, split, rd)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(rfd, 1 << 20)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries reads
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        if pid > 0:
+            _reap(pid)
+    second = _unpack(b"".join(chunks)) if pid > 0 else None
+    if second is None:
+        second = _scan_range(buf, split, n, rd)
+    return _join(first, second, split)
+
+
+def _reap(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:  # pragma: no cover
+            continue
+
+
+def _unpack(data: bytes) -> _Parts | None:
+    """The child's arrays, or None if its answer is not whole."""
+    import struct
+
+    if len(data) < 40:
+        return None
+    lengths = struct.unpack_from("<5Q", data)
+    count = lengths[3]
+    if 40 + sum(lengths) != len(data) or lengths != (8 * count, 8 * count, 8 * count, count, lengths[4]):
+        return None
+    if lengths[4] != _DIGEST_STRIDE * count:
+        return None
+    at = 40
+    out: list[array | bytearray] = []
+    for k, length in enumerate(lengths):
+        blob = data[at : at + length]
+        at += length
+        if k < 3:
+            part = array("Q")
+            part.frombytes(blob)
+            out.append(part)
+        else:
+            out.append(bytearray(blob))
+    return out[0], out[1], out[2], out[3], out[4]  # type: ignore[return-value]
+
+
+def _join(first: _Parts, second: _Parts, split: int) -> _Parts:
+    """The listing of [0, split) followed by that of [split, n)."""
+    starts, ends, sizes, seplen, digests = first
+    # The first half's last message ended at the blank line before the split: its separator.
+    seplen[-1] = split - ends[-1]
+    starts.extend(second[0])
+    ends.extend(second[1])
+    sizes.extend(second[2])
+    seplen.extend(second[3])
+    digests.extend(second[4])
+    return starts, ends, sizes, seplen, digests
+
+
+def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
+    """Scan [start, n): start is a From_ line, n the end of the data or of a message's separator."""
     import hashlib
 
     w = max(limits.MBOX_SCAN_WINDOW, 4)
@@ -353,12 +475,12 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
         digests.extend(sha256(strip_volatile(b"", block)[:cap]).digest()[:_DIGEST_STRIDE])
 
     # The message being scanned: From_ line at q, content from s; counts over [q, here).
-    s = _find_lf(buf, 0, n, w, release) + 1 or n  # no LF at all: a lone empty message
-    begin(0, s, b"", 0)
+    s = _find_lf(buf, start, n, w, release) + 1 or n  # no LF at all: a lone empty message
+    begin(start, s, b"", 0)
     from_crlf = buf[s - 2] == 13
     lf = crlf = quoted = 0
-    released = 0
-    lo = 0
+    released = start
+    lo = start
     while lo < n:
         # Window [lo, hi): cut right after its last LF, so no CRLF pair and no quoted From line
         # straddles two windows; a line longer than the window is cut (never after a CR).
@@ -375,7 +497,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
                 if buf[hi - 1] == 13:
                     hi -= 1
         base = lo - 2 if lo >= 2 else 0  # two octets of look-behind for "\n\r\nFrom "
-        chunk = buf[base : hi + 5]  # five of look-ahead for "From " after a LF at hi - 1
+        chunk = buf[base : hi + 5 if hi + 5 < n else n]  # look-ahead for "From " after a LF at hi - 1
         a = lo - base
         b = hi - base
         cr = b"\r" in chunk
@@ -463,7 +585,7 @@ def scan(buf: Buffer, fmt: str = "mboxo") -> Listing:
     seplen.append(0)
     if release is not None:
         release(released, n)
-    return Listing(starts, ends, sizes, seplen, digests, None, n)
+    return starts, ends, sizes, seplen, digests
 
 
 def _header_end(buf: Buffer, s: int, e: int, w: int, release: Callable[[int, int], None] | None) -> int:

@@ -575,3 +575,58 @@ def test_long_lines_of_quotes_across_chunks():
             for window, chunk in ((4, 1), (5, 3), (7, 16), (64, 64)):
                 with small_windows(window, chunk):
                     check_against_model(data, fmt)
+
+
+def same_listing(a: mbox.Listing, b: mbox.Listing) -> None:
+    assert (a.count, a.total_size, a.scanned_length) == (b.count, b.total_size, b.scanned_length)
+    for i in range(a.count + 1):
+        assert a.from_offset(i) == b.from_offset(i)
+    for i in range(a.count):
+        assert (a.size(i), a.start(i), a.end(i), a.uid(i)) == (b.size(i), b.start(i), b.end(i), b.uid(i))
+
+
+PARALLEL_CORPUS = [
+    *CORPUS,
+    b"From a\n\nFrom b\nX: 1\n\nbody\n\nFrom c\r\nY: 2\r\n\r\nz\r\n\r\nFrom d\n\n",
+    b"From a\n\n\n\nFrom b\n\n\nFrom c\nS: 1\n\n.\n>From e\n\n",
+]
+
+
+@pytest.mark.parametrize("data", PARALLEL_CORPUS)
+def test_parallel_scan_equals_sequential_at_every_boundary(data):
+    """The two halves, joined, are the listing of the whole, wherever the split falls."""
+    for fmt in ("mboxo", "mboxrd"):
+        whole = mbox.scan(data, fmt, parallel_min=0)
+        k = data.find(b"\n\nFrom ")
+        while k >= 0:
+            parts = mbox._scan_parallel(data, k + 2, len(data), fmt == "mboxrd")
+            same_listing(mbox.Listing(*parts, None, len(data)), whole)
+            k = data.find(b"\n\nFrom ", k + 1)
+
+
+def test_parallel_scan_without_a_helper_process(monkeypatch):
+    """fork refused (RLIMIT_NPROC): the parent scans both halves itself."""
+
+    def refuse() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(mbox.os, "fork", refuse)
+    data = PARALLEL_CORPUS[-2]
+    same_listing(mbox.scan(data, "mboxo", parallel_min=1), mbox.scan(data, "mboxo", parallel_min=0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=contents, fmt=st.sampled_from(["mboxo", "mboxrd"]))
+def test_property_parallel_scan_is_the_same_listing(content, fmt):
+    data = b"From " + content
+    same_listing(mbox.scan(data, fmt, parallel_min=1), mbox.scan(data, fmt, parallel_min=0))
+
+
+def test_parallel_scan_of_a_mapped_spool(tmp_path):
+    messages = [b"Subject: %d\n\n" % i + b"line .\n" * (i % 50) + b">From x\n" for i in range(3000)]
+    path = tmp_path / "spool"
+    path.write_bytes(b"".join(b"From a@b Mon Jan  1 00:00:00 2024\n" + m + b"\n" for m in messages))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        parallel = mbox.scan(mm, "mboxo", parallel_min=1)
+        same_listing(parallel, mbox.scan(mm, "mboxo", parallel_min=0))
+        assert parallel.count == 3000
