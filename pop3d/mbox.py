@@ -56,6 +56,7 @@ __all__ = ["Listing", "MboxFormatError", "iter_message", "release_pages", "scan"
 
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
 _DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
+_HEX_BLOCK_BITS = 12  # uid() converts the digests of 4096 messages to hex at once (128 KiB)
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 # Pages just read stay mapped this far behind the reader, and a finished stream releases this far
@@ -80,6 +81,8 @@ class Listing:
         "_digests",
         "_dups",
         "_end",
+        "_hex",
+        "_hex_block",
         "_seplen",
         "_size",
         "_start",
@@ -104,6 +107,8 @@ class Listing:
         self._seplen = seplen  # octets of the blank separator line after end(i): 0 for the last
         self._digests = digests  # _DIGEST_STRIDE octets per message, the UID's digest first
         self._dups = dups  # index -> occurrence number (2, 3...) of a repeated digest; None: not yet
+        self._hex = b""  # hex digits of the digests of one block of messages (see uid)
+        self._hex_block = -1
         self.count = len(size)
         self.total_size = sum(size)
         self.scanned_length = scanned_length
@@ -120,12 +125,20 @@ class Listing:
 
     def uid(self, index: int) -> bytes:
         """The message's unique-id: 24 hex digits, maybe "-N" (see the module docstring)."""
-        self._check(index)
+        if not 0 <= index < self.count:  # _check, inlined: UIDL calls this per message
+            raise IndexError("message index out of range")
         dups = self._dups
         if dups is None:  # numbered on first use: login and STAT do not wait for it
             dups = self._dups = _dedup(self._digests, self.count)
-        at = index * _DIGEST_STRIDE
-        uid = self._digests[at : at + _DIGEST_SIZE].hex().encode("ascii")
+        block = index >> _HEX_BLOCK_BITS
+        if block != self._hex_block:  # UIDL asks in order: hex a block of digests at a time
+            from binascii import hexlify
+
+            size = _DIGEST_STRIDE << _HEX_BLOCK_BITS
+            self._hex = hexlify(memoryview(self._digests)[block * size : (block + 1) * size])
+            self._hex_block = block
+        at = (index & ((1 << _HEX_BLOCK_BITS) - 1)) * 2 * _DIGEST_STRIDE
+        uid = self._hex[at : at + 2 * _DIGEST_SIZE]
         nth = dups.get(index)
         return uid if nth is None else b"%s-%d" % (uid, nth)
 

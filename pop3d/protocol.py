@@ -543,9 +543,11 @@ class Pop3Core:
         fmt += wire.CRLF
         count = self._listing.count
         for lo in range(0, count, 4096):
-            out += b"".join(
-                [fmt % (i + 1, value(i)) for i in range(lo, min(lo + 4096, count)) if i not in deleted]
-            )
+            block = range(lo, min(lo + 4096, count))
+            if deleted:
+                out += b"".join([fmt % (i + 1, value(i)) for i in block if i not in deleted])
+            else:
+                out += b"".join([fmt % (i + 1, value(i)) for i in block])
         out += wire.TERMINATOR
 
     def _cmd_retr(self, args: list[bytes], rest: bytes) -> Retrieve | None:
