@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 CONFIG_ERROR_REPLY = b"-ERR [SYS/PERM] Server configuration error; contact the administrator.\r\n"
+GREETING = b"+OK POP3 server ready\r\n"  # protocol.GREETING, without importing the protocol
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except OSError:
                 pass
         return e.status
+    # inetd mode: the greeting is all the client waits for, so it leaves before the session's
+    # modules are even imported (not with implicit TLS: the handshake comes first).
+    greeted = not conf.listen and conf.tls != "implicit" and _greet()
     from pop3d import log
 
     log.setup(str(conf.log))
@@ -51,7 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server.run(conf)
     from pop3d import session
 
-    return session.serve(conf)
+    return session.serve(conf, greeting_sent=greeted)
+
+
+def _greet() -> bool:
+    """Send the greeting on fd 1; False if it could not leave now (the session sends it then)."""
+    try:
+        return os.write(1, GREETING) == len(GREETING)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # the client is gone: the session finds out at its first read
 
 
 def _report_config_error(message: str, to_syslog: bool) -> None:

@@ -152,3 +152,10 @@ def test_htpasswd_session_runs_as_mail_user(env: Pop3Env) -> None:
     assert set(uids) == {str(env.account.pw_uid)} and set(gids) == {str(env.account.pw_gid)}
     client.quit()
     assert client.proc.wait(timeout=20) == 0
+
+
+def test_the_early_greeting_is_the_protocol_greeting() -> None:
+    """cli sends the greeting before importing the protocol: the two copies must agree."""
+    from pop3d import cli, protocol
+
+    assert cli.GREETING == protocol.GREETING
