@@ -17,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pop3d` command; returns the exit status (78 on a configuration error)."""
     args = list(sys.argv[1:] if argv is None else argv)
     inetd_mode = not any(a == "--listen" or a.startswith("--listen=") for a in args)
+    inetd_mode = inetd_mode and not _systemd_listening()
     stderr_is_client = inetd_mode and _stderr_is_the_client()
     if stderr_is_client:
         # inetd hands the socket over as fd 0, 1 *and* 2: nothing meant for stderr may reach the
@@ -49,10 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pop3d import log
 
     log.setup(str(conf.log))
-    if conf.listen:
+    if not inetd_mode:
         from pop3d import server
 
-        return server.run(conf)
+        return server.run(conf, args)
     from pop3d import session
 
     return session.serve(conf, greeting_sent=greeted)
@@ -66,6 +67,25 @@ def _greet() -> bool:
         return False
     except OSError:
         return True  # the client is gone: the session finds out at its first read
+
+
+def _systemd_listening() -> bool:
+    """True when systemd passed listening sockets (`Accept=no`): run the accept loop on them.
+
+    An `Accept=yes` unit passes the connection itself as fd 3 (and as fd 0/1 with
+    StandardInput=socket): that is inetd mode. Cheap on purpose: it runs before every greeting.
+    """
+    if not os.environ.get("LISTEN_FDS") or os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return False
+    try:
+        listening = os.fstat(3)
+    except OSError:
+        return False
+    try:
+        connection = os.fstat(0)
+    except OSError:
+        return True
+    return (listening.st_dev, listening.st_ino) != (connection.st_dev, connection.st_ino)
 
 
 def _report_config_error(message: str, to_syslog: bool) -> None:

@@ -43,6 +43,21 @@ def reopen() -> None:
         syslog.openlog("pop3d", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
 
 
+def close() -> None:
+    """Let go of the log's descriptor (before daemonizing closes every descriptor; SIGHUP reopens)."""
+    global _file
+    if _target == "syslog":
+        import syslog
+
+        syslog.closelog()
+    elif _file is not None:
+        try:
+            _file.close()
+        except OSError:
+            pass
+        _file = None
+
+
 def set_prefix(prefix: str) -> None:
     """Text put before every line (e.g. the session's user and address)."""
     global _prefix

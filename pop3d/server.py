@@ -1,6 +1,13 @@
 """Standalone mode: listen, accept, fork one session process per connection, reap children.
 
 The child runs exactly the inetd-mode session on the accepted socket, so both modes behave alike.
+The listening sockets come from `--listen` (bound here) or from systemd (`Accept=no` socket units:
+LISTEN_FDS/LISTEN_PID, sd_listen_fds(3)). `--daemon` detaches through python-daemon, imported only
+then: the inetd path must never go through it (it would redirect fd 0/1).
+
+Signals: SIGTERM/SIGINT stop accepting, then end every running session the way a dropped connection
+ends (no update; a session already applying its update at QUIT finishes it), wait for them and exit.
+SIGHUP re-reads the configuration file for connections accepted afterwards.
 """
 
 from __future__ import annotations
@@ -16,11 +23,22 @@ from pop3d import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pop3d.config import Config
+
+EX_OSERR = 71  # sysexits.h: cannot bind, cannot write the pid file, the daemon failed to start
+EX_TEMPFAIL = 75  # sysexits.h: the pid file names a running pop3d
+
+_SYSTEMD_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_SD_LISTEN_FDS_START = 3
+
+BUSY_REPLY = b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n"
+BUSY_PEER_REPLY = b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
 
 
 class ListenError(Exception):
-    """An address cannot be parsed or bound."""
+    """An address cannot be parsed or bound, or an inherited socket is unusable."""
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -52,17 +70,62 @@ def bind(text: str) -> socket.socket:
     return sock
 
 
+def systemd_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (sd_listen_fds(3)), or [].
+
+    LISTEN_PID must be our pid (the variables may have leaked from a parent). The variables are
+    removed either way, so nothing this process starts mistakes the sockets for its own.
+    """
+    pid = os.environ.get("LISTEN_PID", "")
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in _SYSTEMD_VARS:
+        os.environ.pop(name, None)
+    if not pid.isdigit() or int(pid) != os.getpid():
+        return []
+    if not count.isdigit():
+        raise ListenError(f"LISTEN_FDS={count!r} is not a number")
+    sockets = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count)):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise ListenError(f"systemd socket fd {fd}: {e.strerror}") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenError(
+                f"systemd socket fd {fd} is not a listening stream socket "
+                "(Accept=yes units run pop3d in inetd mode: StandardInput=socket)"
+            )
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def _describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
 class Server:
     """The accept loop and the set of running session processes."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket], argv: Sequence[str] = ()) -> None:
         self.config = config
         self.sockets = sockets
+        self.argv = list(argv)
         self.children: dict[int, str] = {}
         self.stopping = False
+        self.reload_requested = False
+        self._wake_fds: tuple[int, ...] = ()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
 
     def reap(self) -> None:
         while self.children:
@@ -76,22 +139,66 @@ class Server:
             self.children.pop(pid, None)
 
     def serve_forever(self) -> None:
+        # Python retries select() after a signal, so handlers only set flags: the wakeup pipe
+        # (each signal writes a byte to it) is what makes the loop act on them at once.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        # SIGCHLD only interrupts the wait below; children are reaped in the loop.
+        signal.signal(signal.SIGHUP, self._on_hup)
+        # SIGCHLD only wakes the loop; children are reaped in it.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        log.info("listening on " + ", ".join(str(s.getsockname()[:2]) for s in self.sockets))
-        while not self.stopping:
-            self.reap()
-            try:
-                ready, _, _ = select.select(self.sockets, [], [], 1.0)
-            except InterruptedError:
-                continue
-            for sock in ready:
-                self.accept(sock)
-        for sock in self.sockets:
-            sock.close()
-        self.finish()
+        self._wake_fds = (wake_r, wake_w)
+        log.info("listening on " + ", ".join(_describe(s) for s in self.sockets))
+        try:
+            while not self.stopping:
+                self.reap()
+                if self.reload_requested:
+                    self.reload()
+                ready, _, _ = select.select([*self.sockets, wake_r], [], [], 60.0)
+                for sock in ready:
+                    if sock == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 4096)
+                    elif not self.stopping:
+                        self.accept(sock)
+            for sock in self.sockets:
+                sock.close()
+            self.finish()
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again; sessions started from now on use it."""
+        self.reload_requested = False
+        from pop3d import config as cfg
+
+        try:
+            new = cfg.load(self.argv)
+        except cfg.ConfigError as e:
+            log.error(f"SIGHUP: configuration error, keeping the previous configuration: {e}")
+            return
+        for key in ("listen", "daemon", "pidfile"):
+            if getattr(new, key, None) != getattr(self.config, key, None):
+                log.warning(f"SIGHUP: a change of --{key} takes effect only at a restart")
+        log.close()
+        log.setup(str(new.log))
+        self.config = new
+        log.info("configuration reloaded")
+
+    def refusal(self, peer: str) -> bytes | None:
+        """The reply that turns this connection away, or None when a session may start."""
+        self.reap()  # a session that has just ended no longer counts
+        if len(self.children) >= int(self.config.max_sessions):  # type: ignore[call-overload]
+            log.warning(f"refusing {peer}: max_sessions reached")
+            return BUSY_REPLY
+        limit = int(self.config.max_sessions_per_ip)  # type: ignore[call-overload]
+        if sum(1 for other in self.children.values() if other == peer) >= limit:
+            log.warning(f"refusing {peer}: max_sessions_per_ip reached")
+            return BUSY_PEER_REPLY
+        return None
 
     def accept(self, sock: socket.socket) -> None:
         try:
@@ -99,28 +206,38 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED):
                 log.error(f"accept: {e.strerror}")
                 return
             raise
         peer = str(address[0]) if isinstance(address, tuple) else "local"
-        if len(self.children) >= int(self.config.max_sessions):  # type: ignore[call-overload]
-            log.warning(f"refusing {peer}: max_sessions reached")
+        if peer.startswith("::ffff:"):
+            peer = peer[7:]  # an IPv4 client on a dual-stack socket counts as that IPv4 address
+        reply = self.refusal(peer)
+        if reply is not None:
             try:
-                conn.setblocking(True)
+                conn.settimeout(1.0)
                 if self.config.tls != "implicit":  # a TLS client would take plaintext for a bad record
-                    conn.sendall(b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n")
+                    conn.sendall(reply)
             except OSError:
                 pass
             conn.close()
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.error(f"fork: {e.strerror}")
+            conn.close()
+            return
         if pid == 0:
             status = 1
             try:
                 for listening in self.sockets:
                     listening.close()
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.set_wakeup_fd(-1)
+                for wake in self._wake_fds:
+                    os.close(wake)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 conn.setblocking(True)
                 from pop3d import session
@@ -135,10 +252,22 @@ class Server:
         conn.close()
 
     def finish(self) -> None:
-        """Stop: let running sessions end on their own (they are bounded by their timeouts)."""
+        """Stop: end the running sessions without update (as a dropped connection would) and wait.
+
+        A session applying its update at QUIT blocks SIGTERM until the update is done.
+        """
+        self.reap()
+        if self.children:
+            log.info(f"stopping: ending {len(self.children)} running session(s)")
         for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                # A session runs as its account: signalling it takes CAP_KILL (the systemd units
+                # keep it). Without it the session ends at its own timeout.
+                log.error(f"cannot end session process {pid}: no CAP_KILL; waiting for it")
         while self.children:
             try:
                 pid, _ = os.waitpid(-1, 0)
@@ -147,16 +276,176 @@ class Server:
             except InterruptedError:
                 continue
             self.children.pop(pid, None)
+        log.info("stopped")
 
 
-def run(config: Config) -> int:
-    """Run the standalone server until SIGTERM/SIGINT; the exit status."""
+# ------------------------------------------------------------------------------ pid file
+
+
+class PidFileError(Exception):
+    """The pid file names a running process, or cannot be written."""
+
+
+def _running(pid: int) -> bool:
     try:
-        sockets = [bind(text) for text in config.listen]  # type: ignore[attr-defined]
-    except ListenError as e:
-        import sys
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
+
+def check_pidfile(path: str) -> None:
+    """Refuse to start when the pid file names a live process; a stale one is overwritten later."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(64).strip()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise PidFileError(f"pidfile {path}: {e.strerror}") from None
+    if text.isdigit() and int(text) != os.getpid() and _running(int(text)):
+        raise PidFileError(f"pidfile {path}: pop3d is already running as pid {text}")
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid atomically (a reader never sees an empty or partial file)."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise PidFileError(f"pidfile {path}: {e.strerror}") from None
+
+
+def remove_pidfile(path: str) -> None:
+    """Remove the pid file if it is still ours (a successor may have written its own)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            if f.read(64).strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------ daemon
+
+
+def _wait_for_daemon(ready: int, child: int) -> int:
+    """In the starting process: the exit status, once the daemon is ready or has failed."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(ready, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(ready)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
+    message = b"".join(chunks).decode("utf-8", "replace")
+    if message == "ready\n":
+        return 0
+    import sys
+
+    sys.stderr.write(f"pop3d: {message.strip() or 'the daemon exited during start-up'}\n")
+    return EX_OSERR
+
+
+_ready_fd: int | None = None  # in the daemon: the pipe to the starting process, until announced
+
+
+def daemonize(sockets: list[socket.socket]) -> int | None:
+    """Detach through python-daemon. Returns an exit status in the starting process (once the
+    daemon has written its pid file, or failed), None in the daemon, with the readiness pipe's
+    write end stored in `_ready_fd` (see `announce`)."""
+    global _ready_fd
+    import daemon  # python-daemon: only ever imported here
+
+    ready, done = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(done)
+        for sock in sockets:
+            sock.close()
+        return _wait_for_daemon(ready, child)
+    os.close(ready)
+    # Every descriptor not preserved is closed: let the log module drop its own first.
+    log.close()
+    context = daemon.DaemonContext(
+        detach_process=True,
+        files_preserve=[*sockets, done],
+        umask=0o022,
+        working_directory="/",
+        # SIGTERM and SIGHUP are the server's; python-daemon would map SIGTERM to SystemExit.
+        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
+    )
+    context.open()
+    _ready_fd = done
+    return None
+
+
+def announce(message: str) -> None:
+    """Tell the starting process we are ready ("ready") or why we failed; no-op in the foreground."""
+    global _ready_fd
+    if _ready_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(_ready_fd, message.encode("utf-8", "replace")[:4000])
+    os.close(_ready_fd)
+    _ready_fd = None
+
+
+def run(config: Config, argv: Sequence[str] = ()) -> int:
+    """Run the standalone server until SIGTERM/SIGINT; the exit status."""
+    import sys
+
+    pidfile = getattr(config, "pidfile", None)
+    try:
+        if pidfile:
+            pidfile = os.path.abspath(str(pidfile))
+            check_pidfile(pidfile)
+        sockets = systemd_sockets()
+        sockets += [bind(text) for text in config.listen]  # type: ignore[attr-defined]
+    except (ListenError, PidFileError) as e:
         sys.stderr.write(f"pop3d: {e}\n")
-        return 71  # EX_OSERR
-    Server(config, sockets).serve_forever()
+        return EX_TEMPFAIL if isinstance(e, PidFileError) else EX_OSERR
+    if not sockets:
+        sys.stderr.write("pop3d: nothing to listen on (--listen, or a systemd socket unit)\n")
+        return EX_OSERR
+    # SIGHUP re-reads the same file: name it absolutely (the daemon runs in /).
+    argv = list(argv)
+    path = getattr(config, "config", None)
+    if path:
+        argv += ["--config", os.path.abspath(str(path))]
+    if getattr(config, "daemon", False):
+        status = daemonize(sockets)
+        if status is not None:
+            return status
+        log.setup(str(config.log))
+    try:
+        if pidfile:
+            write_pidfile(pidfile)
+    except PidFileError as e:
+        log.error(str(e))
+        announce(str(e))
+        if not getattr(config, "daemon", False):
+            sys.stderr.write(f"pop3d: {e}\n")
+        return EX_OSERR
+    announce("ready\n")
+    try:
+        Server(config, sockets, argv).serve_forever()
+    finally:
+        if pidfile:
+            remove_pidfile(pidfile)
     return 0
