@@ -1,0 +1,364 @@
+"""The shipped launcher configurations, run by the real launchers: openbsd-inetd, xinetd,
+systemd-socket-activate (both socket styles, under the units' hardening), and
+`systemd-analyze verify` on the units. poplib and curl log in, list, retrieve and delete through
+each; the session processes run as the mail account."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import pwd
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import (
+    IO_TIMEOUT,
+    IS_ROOT,
+    PASSWORD,
+    ROOT,
+    RUN_AS,
+    Pop3Env,
+    mbox_bytes,
+    sample_messages,
+    wait_for,
+    wire_form,
+)
+from serving import (
+    capability_mask,
+    curl_round,
+    inetd_conf_line,
+    launch,
+    poplib_round,
+    proc_status,
+    session_pid,
+    unit_command,
+    write_launcher,
+    xinetd_binary,
+    xinetd_service,
+)
+
+needs_root = pytest.mark.skipif(
+    not IS_ROOT, reason="launchers run pop3d as root (the shipped lines say so); run as root"
+)
+needs_curl = pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed (Debian curl)")
+INETD = shutil.which("inetd") or ("/usr/sbin/inetd" if os.access("/usr/sbin/inetd", os.X_OK) else None)
+needs_inetd = pytest.mark.skipif(
+    INETD is None, reason="openbsd-inetd is not installed (Debian package openbsd-inetd)"
+)
+XINETD = xinetd_binary()
+needs_xinetd = pytest.mark.skipif(
+    XINETD is None,
+    reason="xinetd not found (it conflicts with openbsd-inetd: .ci/run unpacks its .deb into "
+    "/opt/pop3d-ci/xinetd; or set POP3D_XINETD)",
+)
+SSA = shutil.which("systemd-socket-activate")
+needs_ssa = pytest.mark.skipif(SSA is None, reason="systemd-socket-activate is not installed (systemd)")
+
+
+def runs_as_mail_account(pid: int) -> None:
+    status = proc_status(pid)
+    uid = str(pwd.getpwnam(RUN_AS).pw_uid)
+    assert status["Uid"].split() == [uid] * 4
+
+
+def start_inetd(env: Pop3Env, service: str = "pop3", program_prefix: list[str] | None = None):
+    launcher = write_launcher(env.base)
+    conf = env.base / "inetd.conf"
+
+    def command(port: int) -> list[str]:
+        line = inetd_conf_line(service, port, launcher, env.conf)
+        if program_prefix:
+            # The tcp-wrappers form: tcpd in the program field, pop3d's path as its argv[0].
+            fields = line.split("\t")
+            fields[5:7] = [program_prefix[0], f"{launcher} {fields[6].split(' ', 1)[1]}"]
+            line = "\t".join(fields)
+        conf.write_text(line)
+        return [INETD, "-d", str(conf)]
+
+    return launch(command, env.base / "inetd.out")
+
+
+@needs_root
+@needs_inetd
+@needs_curl
+def test_openbsd_inetd_with_the_shipped_line(env: Pop3Env) -> None:
+    served = start_inetd(env)
+    try:
+        messages = sample_messages()
+        poplib_round(env, served.port, messages, check_process=runs_as_mail_account)
+        curl_round(env, served.port, messages)
+    finally:
+        served.stop()
+    assert "execv" in served.text()  # inetd -d logged that it started the program
+
+
+@needs_root
+@needs_inetd
+@pytest.mark.skipif(not os.access("/usr/sbin/tcpd", os.X_OK), reason="tcpd is not installed (Debian tcpd)")
+def test_openbsd_inetd_through_tcpd(env: Pop3Env) -> None:
+    """The tcp-wrappers form the README documents: tcpd execs pop3d (hosts.allow/deny permit it:
+    the test machine's files are left alone, so this shows the chain works, not a denial)."""
+    deny = Path("/etc/hosts.deny")
+    if deny.exists() and any(line.split("#")[0].strip() for line in deny.read_text().splitlines()):
+        pytest.skip("/etc/hosts.deny has rules; not touching the machine's access control")
+    served = start_inetd(env, program_prefix=["/usr/sbin/tcpd"])
+    try:
+        poplib_round(env, served.port, sample_messages()[:2])
+    finally:
+        served.stop()
+
+
+@needs_root
+@needs_xinetd
+@needs_curl
+def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
+    launcher = write_launcher(env.base)
+    conf = env.base / "xinetd.conf"
+    service_log = env.base / "xinetd-service.log"
+
+    def command(port: int) -> list[str]:
+        conf.write_text(xinetd_service("pop3d", port, launcher, env.conf, service_log))
+        return [
+            XINETD, "-dontfork", "-f", str(conf),
+            "-pidfile", str(env.base / "xinetd.pid"),
+            "-filelog", str(env.base / "xinetd-main.log"),
+        ]  # fmt: skip
+
+    served = launch(command, env.base / "xinetd.out")
+    try:
+        messages = sample_messages()
+        poplib_round(env, served.port, messages, check_process=runs_as_mail_account)
+        curl_round(env, served.port, messages)
+    finally:
+        served.stop()
+    # log_on_success as shipped: xinetd logged the sessions it started, with the client's address.
+    assert "START: pop3 pid=" in service_log.read_text()
+    assert "from=127.0.0.1" in service_log.read_text()
+
+
+def hardened_session(unit: str):
+    """The session process runs as the mail account, inside the unit's bounding set, with
+    no_new_privs: exactly what the unit gives it."""
+
+    def check(pid: int) -> None:
+        runs_as_mail_account(pid)
+        if IS_ROOT and shutil.which("setpriv"):
+            status = proc_status(pid)
+            assert int(status["CapBnd"], 16) == capability_mask(unit)
+            assert status["CapEff"] == "0000000000000000"
+            assert status["NoNewPrivs"] == "1"
+
+    return check
+
+
+@needs_root
+@needs_ssa
+@needs_curl
+def test_systemd_accept_yes_as_the_units_run_it(env: Pop3Env) -> None:
+    """pop3d.socket (Accept=yes) + pop3d@.service: the connection on stdin/stdout, per connection."""
+    launcher = write_launcher(env.base)
+    command = unit_command("pop3d@.service", launcher, env.conf)
+    served = launch(
+        lambda port: [SSA, "--inetd", "-a", "-l", f"127.0.0.1:{port}", *command],
+        env.base / "ssa.out",
+    )
+    try:
+        messages = sample_messages()
+        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d@.service"))
+        curl_round(env, served.port, messages)
+    finally:
+        served.stop()
+
+
+@needs_root
+@needs_ssa
+@needs_curl
+def test_systemd_accept_no_listen_fds(env: Pop3Env) -> None:
+    """pop3d-listen.socket (Accept=no) + pop3d-listen.service: pop3d gets the listening socket
+    (LISTEN_FDS/LISTEN_PID), forks per connection, and on SIGTERM (systemctl stop) ends a running
+    session without update (the unit's bounding set lets it signal the session's account) and
+    exits 0."""
+    launcher = write_launcher(env.base)
+    command = unit_command("pop3d-listen.service", launcher, env.conf)
+    served = launch(lambda port: [SSA, "-l", f"127.0.0.1:{port}", *command], env.base / "ssa.out")
+    try:
+        # systemd-socket-activate exec'ed pop3d: one long-running process, the launcher's pid.
+        assert "listening on 127.0.0.1:" in env.log_text()
+        messages = sample_messages()
+        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d-listen.service"))
+        curl_round(env, served.port, messages)
+        env.write_spool(mbox_bytes(messages))
+        client = poplib.POP3("127.0.0.1", served.port, timeout=IO_TIMEOUT)
+        client.user("alice")
+        client.pass_(PASSWORD)
+        runs_as_mail_account(session_pid(env, "alice"))
+        client.dele(1)
+    finally:
+        status = served.stop(signal.SIGTERM)
+    assert status == 0, served.text()
+    assert "stopping: ending 1 running session(s)" in env.log_text()
+    assert env.spool_path().read_bytes() == mbox_bytes(messages)
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        client.stat()
+
+
+@needs_root
+@needs_ssa
+def test_systemd_accept_no_reload_with_sighup(env: Pop3Env) -> None:
+    """ExecReload= sends SIGHUP: new connections see the re-read configuration."""
+    launcher = write_launcher(env.base)
+    command = unit_command("pop3d-listen.service", launcher, env.conf)
+    served = launch(lambda port: [SSA, "-l", f"127.0.0.1:{port}", *command], env.base / "ssa.out")
+    try:
+        other = env.base / "other"
+        other.mkdir()
+        os.chown(other, env.account.pw_uid, env.account.pw_gid)
+        env.write_config(mailbox=f"{other}/%u")
+        served.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "configuration reloaded" in env.log_text())
+        (other / "alice").write_bytes(mbox_bytes([b"Subject: moved\n\nnew place\n"]))
+        os.chown(other / "alice", env.account.pw_uid, env.account.pw_gid)
+        client = poplib.POP3("127.0.0.1", served.port, timeout=IO_TIMEOUT)
+        client.user("alice")
+        client.pass_(PASSWORD)
+        assert client.stat()[0] == 1
+        assert client.retr(1)[1] == [b"Subject: moved", b"", b"new place"]
+        client.quit()
+    finally:
+        served.stop()
+
+
+@needs_root
+@needs_inetd
+def test_inetd_pop3s_line_with_implicit_tls(env: Pop3Env) -> None:
+    """The shipped pop3s line (`--tls implicit`): POP3 over TLS from the first byte."""
+    from pop3d import config
+
+    if not {"tls", "tls_cert", "tls_key"} <= set(config.KEYS):
+        pytest.skip("TLS (keys tls, tls_cert, tls_key: issue 5) is not in this pop3d yet")
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(env.base / "server.pem"))
+    env.write_config(tls_cert=env.base / "server.pem", tls_key=env.base / "server.pem")
+    served = start_inetd(env, service="pop3s")
+    try:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        messages = sample_messages()[:2]
+        env.write_spool(mbox_bytes(messages))
+        client = poplib.POP3_SSL("127.0.0.1", served.port, context=context, timeout=IO_TIMEOUT)
+        client.user("alice")
+        client.pass_(PASSWORD)
+        lines = client.retr(2)[1]
+        assert b"".join(line + b"\r\n" for line in lines) == wire_form(messages[1])
+        client.quit()
+    finally:
+        served.stop()
+
+
+# ------------------------------------------------------------------------------ 50 at once
+
+
+def concurrent_sessions(env: Pop3Env, port: int, users: int = 50, refused_extra: bool = False) -> None:
+    """`users` clients, each its own user and spool, all logged in at the same moment; each
+    retrieves its messages byte-identical, deletes one and quits. With `refused_extra`, one more
+    connection while all are in is turned away with [SYS/TEMP] (max_sessions)."""
+    names = [f"user{i:02d}" for i in range(users)]
+    for name in names:
+        env.add_user(name, PASSWORD + name)
+    mailboxes = {
+        name: [
+            b"Subject: %s first\n\nhello %s\n" % (name.encode(), name.encode()),
+            b"Subject: %s second\n\n.dot line\n>From quoted\n" % name.encode(),
+            b"Subject: %s third\n\n" % name.encode()
+            + b"".join(b"line %04d %s\n" % (i, b"x" * 60) for i in range(100)),
+        ]
+        for name in names
+    }
+    for name, messages in mailboxes.items():
+        env.write_spool(mbox_bytes(messages), user=name)
+    all_in = threading.Barrier(users + 1, timeout=180)
+    release = threading.Barrier(users + 1, timeout=180)
+    errors: list[str] = []
+
+    def client(name: str) -> None:
+        try:
+            pop = poplib.POP3("127.0.0.1", port, timeout=180)
+            pop.user(name)
+            pop.pass_(PASSWORD + name)
+            all_in.wait()
+            release.wait()
+            messages = mailboxes[name]
+            assert pop.stat()[0] == len(messages)
+            for number, message in enumerate(messages, 1):
+                got = b"".join(line + b"\r\n" for line in pop.retr(number)[1])
+                assert got == wire_form(message), name
+            pop.dele(2)
+            assert pop.quit().startswith(b"+OK")
+        except BaseException as e:  # reported by the main thread
+            errors.append(f"{name}: {e!r}")
+            all_in.abort()
+            release.abort()
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    try:
+        all_in.wait()
+        if refused_extra:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as extra:
+                assert extra.recv(200).startswith(b"-ERR [SYS/TEMP] Too many sessions")
+        release.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors[:5]
+    for name, messages in mailboxes.items():
+        assert env.spool_path(name).read_bytes() == mbox_bytes([messages[0], messages[2]]), name
+
+
+@needs_root
+@needs_inetd
+@pytest.mark.slow
+def test_fifty_concurrent_sessions_through_inetd(env: Pop3Env) -> None:
+    served = start_inetd(env)
+    try:
+        concurrent_sessions(env, served.port)
+    finally:
+        served.stop()
+
+
+# ------------------------------------------------------------------------------ unit files
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_the_units(tmp_path) -> None:
+    """The units as shipped, with only ExecStart's binary pointed at an existing launcher (verify
+    checks that it exists); their Documentation= man pages resolve to ours."""
+    launcher = write_launcher(tmp_path)
+    names = ["pop3d.socket", "pop3d@.service", "pop3d-listen.socket", "pop3d-listen.service"]
+    for name in names:
+        text = (ROOT / "systemd" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/pop3d", str(launcher)))
+    env = dict(os.environ, MANPATH=str(ROOT / "man"), SYSTEMD_LOG_LEVEL="notice")
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / name) for name in names)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    # Unknown keys and bad values are only warnings: any output is a failure.
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "" and done.stdout.strip() == "", done.stderr + done.stdout
