@@ -59,12 +59,14 @@ def test_data_files_exist_and_include_the_pages() -> None:
 
 def test_an_installed_pop3d_has_its_pages_and_commands() -> None:
     """Checked where pop3d is installed (scripts/test installs the checkout into .venv)."""
-    try:
-        dist = importlib.metadata.distribution("pop3d")
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is None or dist.read_text("RECORD") is None:  # not an installed wheel (egg-info)
+    # An installed wheel has a RECORD; the pop3d.egg-info that pip's build leaves in the
+    # checkout (found first from here) has none.
+    installed = [
+        d for d in importlib.metadata.distributions(name="pop3d") if d.read_text("RECORD") is not None
+    ]
+    if not installed:
         pytest.skip("pop3d is not installed in this interpreter (scripts/test installs it)")
+    dist = installed[0]
     names = {str(f).replace(os.sep, "/") for f in dist.files or []}
     for page in PAGES:
         assert any(name.endswith("share/" + page) for name in names), page
