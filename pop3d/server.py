@@ -177,7 +177,12 @@ class Server:
 
         try:
             new = cfg.load(self.argv)
-        except cfg.ConfigError as e:
+            if new.tls != "none":
+                from pop3d import tls
+
+                # Read the certificate and key again (renewed files); children inherit it.
+                tls.reload_server_context(new)
+        except cfg.ConfigError as e:  # TlsConfigError included
             log.error(f"SIGHUP: configuration error, keeping the previous configuration: {e}")
             return
         for key in ("listen", "daemon", "pidfile"):

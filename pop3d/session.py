@@ -353,10 +353,11 @@ class Session:
 
     def _flush(self) -> None:
         if self._out:
-            try:
-                self.conn.write_all(self._out)  # no copy: the buffer is not touched meanwhile
-            finally:
-                self._out.clear()
+            # Hand the buffer over (no copy) and start a new one. Clearing it after the write
+            # raised BufferError when a signal's SessionEnd left write_all's memoryview alive in
+            # the traceback: the reply stayed buffered and was sent a second time.
+            data, self._out = self._out, bytearray()
+            self.conn.write_all(data)
 
     def _refresh_lock(self, now: float) -> None:
         if self.maildrop is not None and now - self._last_refresh >= self._refresh_every:

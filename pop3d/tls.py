@@ -53,6 +53,18 @@ def server_context(config: Config) -> ssl.SSLContext:
     return _context
 
 
+def reload_server_context(config: Config) -> ssl.SSLContext:
+    """Build the context again from `config` (standalone SIGHUP: a renewed certificate) and make it
+    the process's one; on TlsConfigError the previous context stays in force."""
+    global _context
+    previous, _context = _context, None
+    try:
+        return server_context(config)
+    except BaseException:
+        _context = previous
+        raise
+
+
 def make_context(
     cert: str, key: str = "", *, ciphers: str = "", min_version: str = "tlsv1.2", now: float | None = None
 ) -> ssl.SSLContext:

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -65,6 +66,20 @@ def greets(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def greets_over_tls(context: ssl.SSLContext) -> Callable[[int, str], bool]:
+    """A probe for implicit TLS: the handshake, then the greeting."""
+
+    def probe(port: int, host: str = "127.0.0.1") -> bool:
+        try:
+            raw = socket.create_connection((host, port), timeout=5)
+            with raw, context.wrap_socket(raw, server_hostname=host) as s:
+                return s.recv(100).startswith(b"+OK")
+        except OSError:  # ssl.SSLError included
+            return False
+
+    return probe
+
+
 def write_launcher(directory: Path) -> Path:
     """An executable like the installed `pop3d` command (scripts/pop3d: `python -I`), importing
     pop3d from this checkout. inetd launders the environment, so nothing may come from there."""
@@ -106,17 +121,18 @@ def launch(
     output: Path,
     host: str = "127.0.0.1",
     attempts: int = 5,
+    probe: Callable[[int, str], bool] = greets,
     **popen: object,
 ) -> Launched:
-    """Start a launcher on a free port and wait for pop3d's greeting through it; another port if
-    the launcher dies or never answers (a parallel job may have taken the port meanwhile)."""
+    """Start a launcher on a free port and wait for pop3d's greeting through it (`probe`); another
+    port if the launcher dies or never answers (a parallel job may have taken the port meanwhile)."""
     last = ""
     for _ in range(attempts):
         port = free_port(host)
         with open(output, "ab") as out:
             proc = subprocess.Popen(command_for_port(port), stdout=out, stderr=subprocess.STDOUT, **popen)
         started = wait_for(
-            lambda proc=proc, port=port: proc.poll() is not None or greets(port, host), timeout=20
+            lambda proc=proc, port=port: proc.poll() is not None or probe(port, host), timeout=20
         )
         if started and proc.poll() is None:
             return Launched(proc, port, output)

@@ -346,3 +346,45 @@ def test_listen_fds_that_are_not_listening_sockets(env: Pop3Env) -> None:
     )
     assert done.returncode == 71
     assert b"systemd socket fd 3" in done.stderr
+
+
+def test_sighup_reloads_a_renewed_certificate(env: Pop3Env) -> None:
+    """Standalone implicit TLS: after the certificate files are replaced and SIGHUP, new
+    connections get the new certificate; a broken replacement keeps the old one in force."""
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    from serving import greets_over_tls
+
+    pem = env.base / "server.pem"
+
+    def issue() -> ssl.SSLContext:
+        ca = trustme.CA()
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+        pem.chmod(0o600)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    old = issue()
+    env.write_config(tls="implicit", tls_cert=pem, tls_key=pem)
+    served = launch(
+        lambda port: env.command("--listen", f"127.0.0.1:{port}"),
+        env.base / "server.out",
+        probe=greets_over_tls(old),
+        cwd=str(ROOT),
+        env=child_env(),
+    )
+    try:
+        new = issue()
+        assert greets_over_tls(old)(served.port)  # not re-read before the signal
+        served.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "configuration reloaded" in env.log_text())
+        assert greets_over_tls(new)(served.port)
+        assert not greets_over_tls(old)(served.port)
+        pem.write_text("not a certificate\n")
+        served.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "keeping the previous configuration" in env.log_text())
+        assert greets_over_tls(new)(served.port)
+    finally:
+        assert served.stop() == 0

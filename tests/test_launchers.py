@@ -30,6 +30,8 @@ from conftest import (
 from serving import (
     capability_mask,
     curl_round,
+    greets,
+    greets_over_tls,
     inetd_conf_line,
     launch,
     poplib_round,
@@ -65,7 +67,7 @@ def runs_as_mail_account(pid: int) -> None:
     assert status["Uid"].split() == [uid] * 4
 
 
-def start_inetd(env: Pop3Env, service: str = "pop3", program_prefix: list[str] | None = None):
+def start_inetd(env: Pop3Env, service: str = "pop3", program_prefix: list[str] | None = None, probe=greets):
     launcher = write_launcher(env.base)
     conf = env.base / "inetd.conf"
 
@@ -79,7 +81,7 @@ def start_inetd(env: Pop3Env, service: str = "pop3", program_prefix: list[str] |
         conf.write_text(line)
         return [INETD, "-d", str(conf)]
 
-    return launch(command, env.base / "inetd.out")
+    return launch(command, env.base / "inetd.out", probe=probe)
 
 
 @needs_root
@@ -112,23 +114,26 @@ def test_openbsd_inetd_through_tcpd(env: Pop3Env) -> None:
         served.stop()
 
 
-@needs_root
-@needs_xinetd
-@needs_curl
-def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
+def start_xinetd(env: Pop3Env, service: str = "pop3d", probe=greets):
     launcher = write_launcher(env.base)
     conf = env.base / "xinetd.conf"
-    service_log = env.base / "xinetd-service.log"
 
     def command(port: int) -> list[str]:
-        conf.write_text(xinetd_service("pop3d", port, launcher, env.conf, service_log))
+        conf.write_text(xinetd_service(service, port, launcher, env.conf, env.base / "xinetd-service.log"))
         return [
             XINETD, "-dontfork", "-f", str(conf),
             "-pidfile", str(env.base / "xinetd.pid"),
             "-filelog", str(env.base / "xinetd-main.log"),
         ]  # fmt: skip
 
-    served = launch(command, env.base / "xinetd.out")
+    return launch(command, env.base / "xinetd.out", probe=probe)
+
+
+@needs_root
+@needs_xinetd
+@needs_curl
+def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
+    served = start_xinetd(env)
     try:
         messages = sample_messages()
         poplib_round(env, served.port, messages, check_process=runs_as_mail_account)
@@ -136,8 +141,9 @@ def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
     finally:
         served.stop()
     # log_on_success as shipped: xinetd logged the sessions it started, with the client's address.
-    assert "START: pop3 pid=" in service_log.read_text()
-    assert "from=127.0.0.1" in service_log.read_text()
+    service_log = (env.base / "xinetd-service.log").read_text()
+    assert "START: pop3 pid=" in service_log
+    assert "from=127.0.0.1" in service_log
 
 
 def hardened_session(unit: str):
@@ -232,35 +238,46 @@ def test_systemd_accept_no_reload_with_sighup(env: Pop3Env) -> None:
         served.stop()
 
 
-@needs_root
-@needs_inetd
-def test_inetd_pop3s_line_with_implicit_tls(env: Pop3Env) -> None:
-    """The shipped pop3s line (`--tls implicit`): POP3 over TLS from the first byte."""
-    from pop3d import config
-
-    if not {"tls", "tls_cert", "tls_key"} <= set(config.KEYS):
-        pytest.skip("TLS (keys tls, tls_cert, tls_key: issue 5) is not in this pop3d yet")
+def implicit_tls_round(env: Pop3Env, start) -> None:
+    """The shipped pop3s entry (`--tls implicit`): POP3 over TLS from the first byte, poplib's
+    POP3_SSL trusting the test CA retrieves a message byte-identical and deletes one."""
     trustme = pytest.importorskip("trustme")
     import ssl
 
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(env.base / "server.pem"))
+    (env.base / "server.pem").chmod(0o600)
     env.write_config(tls_cert=env.base / "server.pem", tls_key=env.base / "server.pem")
-    served = start_inetd(env, service="pop3s")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    served = start(greets_over_tls(context))
     try:
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
-        messages = sample_messages()[:2]
+        messages = sample_messages()[:3]
         env.write_spool(mbox_bytes(messages))
         client = poplib.POP3_SSL("127.0.0.1", served.port, context=context, timeout=IO_TIMEOUT)
         client.user("alice")
         client.pass_(PASSWORD)
+        runs_as_mail_account(session_pid(env, "alice"))
         lines = client.retr(2)[1]
         assert b"".join(line + b"\r\n" for line in lines) == wire_form(messages[1])
+        client.dele(1)
         client.quit()
+        assert wait_for(lambda: env.spool_path().read_bytes() == mbox_bytes(messages[1:]))
     finally:
         served.stop()
+
+
+@needs_root
+@needs_inetd
+def test_inetd_pop3s_line_with_implicit_tls(env: Pop3Env) -> None:
+    implicit_tls_round(env, lambda probe: start_inetd(env, service="pop3s", probe=probe))
+
+
+@needs_root
+@needs_xinetd
+def test_xinetd_pop3s_service_with_implicit_tls(env: Pop3Env) -> None:
+    implicit_tls_round(env, lambda probe: start_xinetd(env, "pop3s", probe=probe))
 
 
 # ------------------------------------------------------------------------------ 50 at once

@@ -515,9 +515,7 @@ def listen(env: Pop3Env, certs: Certs) -> Iterator[Callable[..., int]]:
             stderr=subprocess.PIPE,
         )
         procs.append(proc)
-        assert wait_for(
-            lambda: f"listening on ('127.0.0.1', {port})" in env.log_text() or proc.poll() is not None
-        )
+        assert wait_for(lambda: f"listening on 127.0.0.1:{port}" in env.log_text() or proc.poll() is not None)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         return port
 
