@@ -99,7 +99,9 @@ def _chroot_empty() -> None:
     else:
         raise OSError(17, "cannot create a directory in /tmp")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_PATH: no read permission needed (mode 111), so root needs no CAP_DAC_* (the
+        # systemd units keep none); fchdir only needs search permission.
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fchdir(fd)
         finally:

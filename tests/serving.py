@@ -229,6 +229,8 @@ def capability_mask(name: str) -> int:
         "CAP_KILL": 5,
         "CAP_SETGID": 6,
         "CAP_SETUID": 7,
+        "CAP_SYS_CHROOT": 18,
+        "CAP_AUDIT_WRITE": 29,
     }
     mask = 0
     for cap in unit_settings(name).get("CapabilityBoundingSet", "").split():

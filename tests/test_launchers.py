@@ -146,9 +146,10 @@ def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
     assert "from=127.0.0.1" in service_log
 
 
-def hardened_session(unit: str):
+def hardened_session(unit: str, env: Pop3Env):
     """The session process runs as the mail account, inside the unit's bounding set, with
-    no_new_privs: exactly what the unit gives it."""
+    no_new_privs: exactly what the unit gives it; and that set sufficed to confine the
+    pre-authentication child (chroot, kill)."""
 
     def check(pid: int) -> None:
         runs_as_mail_account(pid)
@@ -157,6 +158,8 @@ def hardened_session(unit: str):
             assert int(status["CapBnd"], 16) == capability_mask(unit)
             assert status["CapEff"] == "0000000000000000"
             assert status["NoNewPrivs"] == "1"
+        # The bounding set was enough to confine the pre-authentication child completely.
+        assert "pre-authentication process:" not in env.log_text()
 
     return check
 
@@ -174,7 +177,7 @@ def test_systemd_accept_yes_as_the_units_run_it(env: Pop3Env) -> None:
     )
     try:
         messages = sample_messages()
-        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d@.service"))
+        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d@.service", env))
         curl_round(env, served.port, messages)
     finally:
         served.stop()
@@ -195,7 +198,7 @@ def test_systemd_accept_no_listen_fds(env: Pop3Env) -> None:
         # systemd-socket-activate exec'ed pop3d: one long-running process, the launcher's pid.
         assert "listening on 127.0.0.1:" in env.log_text()
         messages = sample_messages()
-        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d-listen.service"))
+        poplib_round(env, served.port, messages, check_process=hardened_session("pop3d-listen.service", env))
         curl_round(env, served.port, messages)
         env.write_spool(mbox_bytes(messages))
         client = poplib.POP3("127.0.0.1", served.port, timeout=IO_TIMEOUT)
