@@ -274,7 +274,6 @@ def test_listen_on_ipv4_and_ipv6(env: Pop3Env) -> None:
         served.stop()
 
 
-@pytest.mark.slow
 def test_fifty_concurrent_sessions_standalone(env: Pop3Env) -> None:
     """50 users at once, the 51st connection refused by max_sessions = 50."""
     env.write_config(max_sessions=50, max_sessions_per_ip=50)

@@ -349,7 +349,6 @@ def concurrent_sessions(env: Pop3Env, port: int, users: int = 50, refused_extra:
 
 @needs_root
 @needs_inetd
-@pytest.mark.slow
 def test_fifty_concurrent_sessions_through_inetd(env: Pop3Env) -> None:
     served = start_inetd(env)
     try:
