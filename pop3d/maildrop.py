@@ -470,6 +470,47 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
+def _head_runs(extents: Sequence[tuple[int, int]], length: int) -> Iterator[tuple[int, int]]:
+    """The extents' runs covering their first `length` bytes."""
+    for source, size in extents:
+        if length <= 0:
+            return
+        yield source, min(size, length)
+        length -= size
+
+
+def _digest_behind(fd: int, extents: Sequence[tuple[int, int]]) -> Callable[[], bytes]:
+    """SHA-256 of the extents' bytes, computed in a thread; call the result to wait for it.
+
+    `_thread` is built into the interpreter: nothing to import after the privilege drop. An
+    error in the thread (a short read) is raised by the call.
+    """
+    import _thread
+
+    outcome: list[object] = []
+    finished = _thread.allocate_lock()
+    finished.acquire()
+
+    def work() -> None:
+        try:
+            outcome.append(_digest(_read_runs(fd, extents)))
+        except BaseException as e:
+            outcome.append(e)
+        finally:
+            finished.release()
+
+    _thread.start_new_thread(work, ())
+
+    def wait() -> bytes:
+        with finished:
+            pass
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]  # type: ignore[return-value]
+
+    return wait
+
+
 def _digest(chunks: Iterable[bytes]) -> bytes:
     import hashlib
 
@@ -610,16 +651,14 @@ def _update(
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 # No reservation on this file system: a write failing below still aborts cleanly.
-            import hashlib
-
-            h = hashlib.sha256()
+            # The digest of the whole new tail is computed by a helper thread while this one
+            # copies the first J bytes into the journal (hashlib and pread/pwrite release the GIL).
+            digest = _digest_behind(fd, extents)
             done = 0
-            for data in _read_runs(fd, extents):
-                h.update(data)
-                if done < J:
-                    _pwrite_all(jfd, memoryview(data)[: J - done], journal.data_off + done)
+            for data in _read_runs(fd, _head_runs(extents, J)):
+                _pwrite_all(jfd, data, journal.data_off + done)
                 done += len(data)
-            journal.digest = h.digest()
+            journal.digest = digest()
             _pwrite_all(jfd, journal.pack_header(), 0)
             _step(1)
             os.fsync(jfd)
