@@ -394,14 +394,26 @@ class Maildrop:
         changed = bytes(buf[: len(self._head)]) != self._head or (
             bytes(buf[length - len(self._tail) : length]) != self._tail
         )
-        # Read with pread, not through the mapping: faulting a page in per message would map
-        # most of the spool again (the scan released it) just before the update.
-        pread = os.pread
-        for offset in self.listing.from_offsets(first):
-            if changed:
+        # Through the mapping (a page fault maps 16 pages: cheaper than a pread per message),
+        # released every 2 MiB so the spool does not come back into RSS just before the update.
+        offsets = self.listing.from_offsets(first) if not changed else []
+        if offsets and offsets[0] == 0:
+            changed = buf[:5] != b"From "
+            offsets = offsets[1:]
+        released = offsets[0] if offsets else 0
+        for offset in offsets:
+            if buf[offset - 1 : offset + 5] != b"\nFrom ":  # a From_ line, after a LF
+                changed = True
                 break
-            expected = b"\nFrom " if offset else b"From "  # a From_ line, after a LF
-            changed = pread(fd, len(expected), offset - 1 if offset else 0) != expected
+            if offset - released >= _RELEASE_BATCH * 2:
+                from . import mbox
+
+                mbox.release_pages(buf, released, offset)
+                released = offset
+        if offsets:
+            from . import mbox
+
+            mbox.release_pages(buf, released, offsets[-1])
         if changed:
             raise MaildropTempError(
                 f"{path}: rewritten since login (a program ignoring the locks?); "
