@@ -15,6 +15,7 @@ from pop3d import limits
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
 __all__ = [
     "Account",
@@ -231,7 +232,7 @@ def _load_pam() -> tuple[object, object, object]:
         try:
             import ctypes
 
-            import pam
+            pam = _import_pam()
         except ImportError as exc:
             raise AuthUnavailableError("python-pam is not installed (pip install python-pam)") from exc
         try:
@@ -245,6 +246,45 @@ def _load_pam() -> tuple[object, object, object]:
 
         _pam_state = (pam, ctypes, no_delay)
     return _pam_state  # type: ignore[return-value]
+
+
+def _import_pam() -> ModuleType:
+    """python-pam, imported with a stand-in for `ctypes.util`, whose one use there is
+    find_library("pam") and find_library("pam_misc").
+
+    The real `ctypes.util` imports shutil, subprocess, tempfile... (~18 ms), and its find_library
+    runs `ldconfig -p` in a subprocess (~60 ms): both on every PAM login, beside a ~50 ms
+    yescrypt hash. libpam's sonames are stable ABI names the dynamic loader resolves itself;
+    any other name, or one that does not load, goes to the real find_library.
+    """
+    import sys
+
+    stand_in = None
+    if "ctypes.util" not in sys.modules:
+        stand_in = type(sys)("ctypes.util")
+        stand_in.find_library = _find_library  # type: ignore[attr-defined]
+        sys.modules["ctypes.util"] = stand_in
+    try:
+        import pam
+    finally:
+        if stand_in is not None and sys.modules.get("ctypes.util") is stand_in:
+            del sys.modules["ctypes.util"]  # anyone else importing it gets the real module
+    return pam
+
+
+def _find_library(name: str) -> str | None:
+    import ctypes
+
+    soname = {"pam": "libpam.so.0", "pam_misc": "libpam_misc.so.0"}.get(name)
+    if soname is not None:
+        try:
+            ctypes.CDLL(soname)
+            return soname
+        except OSError:
+            pass
+    from ctypes.util import find_library
+
+    return find_library(name)
 
 
 def _pam_check(service: str, name: str, password: bytes, rhost: str) -> tuple[int, str]:
