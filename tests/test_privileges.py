@@ -284,3 +284,30 @@ def test_passwords_never_reach_the_log(env: Pop3Env, target: str) -> None:
     assert "logout: reason=quit" in log
     assert "login failed: user=../alice rip=unknown: invalid user name" in log
     assert wrong not in log and PASSWORD not in log
+
+
+@pytest.mark.parametrize("name", [b"a\0b", b"w" * 300, b"\xff\xfe", b"../root", b"-x"])
+def test_names_no_command_line_can_carry_are_refused_like_a_wrong_password(env: Pop3Env, name: bytes) -> None:
+    """A NUL or 300 octets cannot be in a USER line (the line itself is refused, whatever the
+    name); through AUTH LOGIN, base64-encoded, they reach authentication and are answered
+    exactly like a wrong password, without touching the spool directory."""
+    import base64
+
+    env.write_spool(mbox_bytes(sample_messages()[:1]))
+    before = (sorted(os.listdir(env.spool_dir)), os.stat(env.spool_dir).st_mtime_ns)
+    replies = []
+    for user, password in ((b"alice", b"wrong"), (name, PASSWORD.encode())):
+        client = env.client()
+        client._putcmd("AUTH LOGIN")
+        assert client._getresp().startswith(b"+ ")
+        client._putline(base64.b64encode(user))
+        assert client._getresp().startswith(b"+ ")
+        client._putline(base64.b64encode(password))
+        with pytest.raises(poplib.error_proto) as info:
+            client._getresp()
+        replies.append(info.value.args[0])
+        client.quit()
+        assert client.proc.wait(timeout=20) == 0
+    assert replies[0] == replies[1] == b"-ERR [AUTH] Authentication failed."
+    assert (sorted(os.listdir(env.spool_dir)), os.stat(env.spool_dir).st_mtime_ns) == before
+    assert "invalid user name" in env.log_text()
