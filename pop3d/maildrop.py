@@ -33,8 +33,6 @@ _JOURNAL_HEADER = "<16sQQQQQQ16s32sQ"
 _NONCE_LEN = 16
 _ALIGN = 4096
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
-# Small messages sent are released from RSS together, once this many octets of them were read.
-_RELEASE_BATCH = 1024 * 1024
 
 
 class MaildropError(Exception):
@@ -153,7 +151,6 @@ class Maildrop:
         "_lock_ok",
         "_log",
         "_tail",
-        "_unreleased",
         "listing",
         "path",
     )
@@ -180,7 +177,6 @@ class Maildrop:
         self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
         self._closed = False
         self._lock_ok = True
-        self._unreleased = (0, 0)  # [start, end) of small messages read but still mapped
 
     @classmethod
     def open(
@@ -267,29 +263,34 @@ class Maildrop:
     def iter_message(self, index: int, body_lines: int | None = None) -> Iterator[bytes]:
         """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing.
 
-        A large message releases its pages as it streams; small ones are released together,
-        once _RELEASE_BATCH octets of them were read (RSS stays flat, madvise calls stay few).
+        Read with pread(2), not through the scan's mapping: should a program that ignores the
+        locks truncate the spool meanwhile, a mapping would kill the session with SIGBUS (leaving
+        the dotlock behind until it is stale); pread just comes up short, and that raises
+        MaildropTempError (from the call, or from the iteration). Nothing read stays in our RSS
+        (the page cache holds it), so there are no pages to release either.
         """
         from . import mbox
 
-        listing = self.listing
-        lo, hi = listing.from_offset(index), listing.from_offset(index + 1)
-        if hi - lo >= _RELEASE_BATCH:
-            return mbox.iter_message(self._buf, listing, index, body_lines, fmt=self._fmt)
-        if self._unreleased[1] - self._unreleased[0] >= _RELEASE_BATCH:
-            self.release_pages()
-        start, end = self._unreleased
-        self._unreleased = (min(start, lo), max(end, hi)) if end > start else (lo, hi)
-        return mbox.iter_message(self._buf, listing, index, body_lines, fmt=self._fmt, release=False)
+        if self._fd is None or not self._length:
+            return mbox.iter_message(b"", self.listing, index, body_lines, fmt=self._fmt)
+        reader = _PreadBuffer(self._fd, self._length)
+        try:
+            chunks = mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt)  # type: ignore[arg-type]
+        except OSError as e:
+            raise self._changed(e) from e
+        return self._guarded(chunks)
 
-    def release_pages(self) -> None:
-        """Release the pages small messages left mapped (see iter_message)."""
-        from . import mbox
+    def _guarded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from chunks
+        except OSError as e:
+            raise self._changed(e) from e
 
-        start, end = self._unreleased
-        self._unreleased = (0, 0)
-        if end > start and not self._closed:
-            mbox.release_pages(self._buf, start, end)
+    def _changed(self, e: OSError) -> MaildropTempError:
+        return MaildropTempError(
+            f"{self.path}: unreadable or shorter than scanned ({_why(e)}); "
+            "a program ignoring the locks truncated it?"
+        )
 
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""
@@ -420,6 +421,79 @@ class Maildrop:
                 "update aborted, nothing written"
             )
         return own.st_size
+
+
+# ------------------------------------------------------------------ reading messages
+
+
+class _PreadBuffer:
+    """The read-only buffer operations mbox's message stream needs, served with pread(2).
+
+    A spool truncated under us gives a short read (EIO here) instead of SIGBUS. The last slice
+    read is kept, so the stream's rfind-then-slice of one window costs one system call; single
+    octets read around it do not evict it.
+    """
+
+    __slots__ = ("_cache", "_cache_at", "_fd", "_length")
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd = fd
+        self._length = length
+        self._cache = b""
+        self._cache_at = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _read(self, lo: int, hi: int, keep: bool = True) -> bytes:
+        if lo < 0:
+            lo = 0
+        if hi > self._length:
+            hi = self._length
+        if hi <= lo:
+            return b""
+        at = self._cache_at
+        cache = self._cache
+        if at <= lo and hi <= at + len(cache):
+            if lo == at and hi == at + len(cache):
+                return cache
+            return cache[lo - at : hi - at]
+        data = os.pread(self._fd, hi - lo, lo)
+        if len(data) < hi - lo:
+            parts = [data]
+            offset = lo + len(data)
+            while offset < hi:
+                more = os.pread(self._fd, hi - offset, offset)
+                if not more:
+                    raise _ShortReadError(errno.EIO, "the spool is shorter than when it was scanned")
+                parts.append(more)
+                offset += len(more)
+            data = b"".join(parts)
+        if keep:
+            self._cache, self._cache_at = data, lo
+        return data
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self._length)
+            if step != 1:
+                raise ValueError("no extended slices")
+            return self._read(lo, hi)
+        if key < 0:
+            key += self._length
+        if not 0 <= key < self._length:
+            raise IndexError("offset out of range")
+        return self._read(key, key + 1, keep=False)[0]
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        lo = max(start, 0)
+        k = self._read(lo, self._length if end is None else end).find(sub)
+        return k + lo if k >= 0 else -1
+
+    def rfind(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        lo = max(start, 0)
+        k = self._read(lo, self._length if end is None else end).rfind(sub)
+        return k + lo if k >= 0 else -1
 
 
 # ------------------------------------------------------------------ the update engine

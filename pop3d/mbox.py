@@ -680,13 +680,32 @@ def iter_message(
     return _stream(buf, s, t, e, rd, chunk_size, releaser)
 
 
+def _quoted_from(buf: Buffer, pos: int, t: int) -> bool:
+    """True if [pos, t) starts with ">+From " (its run of ">" may be longer than any window).
+
+    Only slices and indexes `buf` (no regex on it): the stream also runs on buffers that are not
+    bytes-like, such as maildrop's pread(2) reader.
+    """
+    k = pos
+    while k < t:
+        hi = k + 4096 if k + 4096 < t else t
+        piece = buf[k:hi]
+        run = len(piece) - len(piece.lstrip(b">"))
+        if run < len(piece):
+            k += run
+            end = k + 5 if k + 5 < t else t
+            return k > pos and buf[k:end] == b"From "
+        k = hi
+    return False
+
+
 def _stream(
     buf: Buffer, s: int, t: int, e: int, rd: bool, chunk_size: int, release: Callable[[int, int], None] | None
 ) -> Iterator[bytes]:
     """Sent form of content [s, t) of a message whose content ends at e."""
-    rx_start = rx_sub = None
+    rx_sub = None
     if rd:
-        rx_start, rx_sub, _ = _regexes()
+        _, rx_sub, _ = _regexes()
     # Read windows leave room for LF -> CRLF growth, so one window is usually one chunk.
     r = chunk_size - (chunk_size >> 3)
     if r < 2:
@@ -703,12 +722,7 @@ def _stream(
                     lim = k + 1  # whole lines: no CRLF pair or ">From" prefix is cut
                 elif buf[lim - 1] == 13:
                     lim -= 1  # a line longer than the window: never split CR from its LF
-            if (
-                rx_start is not None
-                and buf[pos] == 62
-                and (pos == s or buf[pos - 1] == 10)
-                and rx_start.match(buf, pos, t)
-            ):
+            if rd and buf[pos] == 62 and (pos == s or buf[pos - 1] == 10) and _quoted_from(buf, pos, t):
                 pos += 1  # mboxrd: unquote a line at the window start (may be all ">": ask buf)
             chunk = buf[pos:lim]
             if rx_sub is not None and b">From " in chunk:

@@ -231,13 +231,11 @@ class _Monitor:
 
     def _transaction(self, conn: Connection, request: _Request, account: object) -> int:
         """The child is out of the way: become the account, open the maildrop, serve the session."""
-        from pop3d import login
-
         conn.bytes_in += request.bytes_in
         conn.bytes_out += request.bytes_out
         session = Session(self.config, conn, self.peer)
         session.core.resume(request.user, request.pending, request.commands)
-        session.enter_transaction(login.open_maildrop(self.config, account, self.peer))  # type: ignore[arg-type]
+        session.open_maildrop(account)  # signals held off until the maildrop is the session's
         session.run()
         return 0
 

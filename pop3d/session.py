@@ -51,6 +51,8 @@ class Connection:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.bytes_in = 0
         self.bytes_out = 0
+        # A client that stops reading (a full socket buffer) must not hold the maildrop for ever.
+        self.write_timeout = limits.WRITE_TIMEOUT
 
     def restore(self) -> None:
         """Give the descriptors back as they came (a terminal must not stay non-blocking)."""
@@ -80,7 +82,7 @@ class Connection:
         self.bytes_in += len(data)
         return data
 
-    def write_parts(self, parts: list[bytes | bytearray], timeout: float = limits.WRITE_TIMEOUT) -> None:
+    def write_parts(self, parts: list[bytes | bytearray], timeout: float | None = None) -> None:
         """Write the parts in order, as one writev(2) when the client keeps up."""
         total = sum(len(part) for part in parts)
         try:
@@ -95,10 +97,10 @@ class Connection:
         if written < total:  # the socket buffer is full: the rest the slow way
             self.write_all(memoryview(b"".join(parts))[written:], timeout)
 
-    def write_all(self, data: bytes | bytearray | memoryview, timeout: float = limits.WRITE_TIMEOUT) -> None:
-        """Write everything, waiting at most `timeout` for the client to make room."""
+    def write_all(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Write everything, waiting at most `timeout` (default write_timeout) for the client."""
         view = memoryview(data)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.write_timeout if timeout is None else timeout)
         poller = None
         while view:
             try:
@@ -151,6 +153,7 @@ class TlsConnection:
         self._read_events = select.POLLIN | select.POLLPRI
         self.bytes_in = plain.bytes_in
         self.bytes_out = plain.bytes_out
+        self.write_timeout = plain.write_timeout
 
     def wait_readable(self, timeout: float) -> bool:
         if self.sock.pending():
@@ -183,12 +186,12 @@ class TlsConnection:
         self.bytes_in += len(data)
         return data
 
-    def write_all(self, data: bytes | memoryview, timeout: float = limits.WRITE_TIMEOUT) -> None:
-        """Write everything, waiting at most `timeout` for the client to make room."""
+    def write_all(self, data: bytes | memoryview, timeout: float | None = None) -> None:
+        """Write everything, waiting at most `timeout` (default write_timeout) for the client."""
         import ssl
 
         view = memoryview(data)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.write_timeout if timeout is None else timeout)
         while view:
             # After a want-read/want-write, OpenSSL needs the same bytes again: `view` is unchanged.
             try:
@@ -214,7 +217,7 @@ class TlsConnection:
                 if remaining <= 0 or not poller.poll(remaining * 1000.0):
                     raise SessionEnd("write-timeout")
 
-    def write_parts(self, parts: list[bytes | bytearray], timeout: float = limits.WRITE_TIMEOUT) -> None:
+    def write_parts(self, parts: list[bytes | bytearray], timeout: float | None = None) -> None:
         """TLS has no writev: the parts joined, as one stream of records."""
         self.write_all(b"".join(parts), timeout)
 
@@ -268,6 +271,7 @@ class Session:
         self.top_bytes = 0
         self.messages_at_login = 0
         self.size_at_login = 0
+        conn.write_timeout = float(config.write_timeout)  # type: ignore[arg-type]
 
     def _options(self) -> protocol.Options:
         config = self.config
@@ -309,8 +313,13 @@ class Session:
         core = self.core
         config = self.config
         idle_timeout = float(config.timeout)  # type: ignore[arg-type]
+        line_timeout = float(config.line_timeout)  # type: ignore[arg-type]
         last_command = time.monotonic()
+        # When the first octet of the command line still incomplete arrived: a line must be
+        # complete within line_timeout, so a trickle cannot hold the session (and its lock) for
+        # ever; partial input never resets the idle timer.
         partial_since: float | None = None
+        consumed_before = 0
         while True:
             commands_before = core.stats["commands"]
             while True:
@@ -334,10 +343,16 @@ class Session:
             now = time.monotonic()
             if core.stats["commands"] != commands_before:
                 last_command = now
-            partial_since = partial_since or now if core.pending_input() else None
+            pending = core.pending_input()
+            consumed = self.conn.bytes_in - pending
+            if not pending:
+                partial_since = None
+            elif partial_since is None or consumed != consumed_before:
+                partial_since = now  # a new line began in the last read
+            consumed_before = consumed
             deadline = last_command + idle_timeout
             if partial_since is not None:
-                deadline = min(deadline, partial_since + limits.COMMAND_LINE_TIMEOUT)
+                deadline = min(deadline, partial_since + line_timeout)
             data = None
             while data is None:
                 now = time.monotonic()
@@ -383,11 +398,13 @@ class Session:
         ".\r\n" always leaves in the same write as the message's end (a client delaying its ACKs
         would otherwise stall ~40 ms per message on our small last write)."""
         assert self.maildrop is not None
-        chunks = self.maildrop.iter_message(request.index, request.body_lines)
+        from pop3d import maildrop as md
+
         stuffer = wire.DotStuffer()
         parts: list[bytes | bytearray] = [self._out] if self._out else []  # the "+OK" line
         held = len(self._out)
         try:
+            chunks = self.maildrop.iter_message(request.index, request.body_lines)
             for chunk in chunks:
                 if held >= limits.OUTPUT_FLUSH:  # never the last piece: it goes with the terminator
                     self.conn.write_parts(parts)
@@ -403,6 +420,11 @@ class Session:
             if held >= limits.OUTPUT_FLUSH:
                 self.conn.write_parts(parts)
                 parts = []
+        except md.MaildropTempError as e:
+            # The +OK and maybe part of the message are out: no -ERR may follow; close, no update.
+            log.error(f"retrieval aborted: {e}")
+            parts = []
+            raise SessionEnd("spool-changed") from None
         finally:
             # A small message waits in the buffer to share a write with the replies after it.
             self._out = bytearray().join(parts)
@@ -416,7 +438,27 @@ class Session:
         if isinstance(account, bytes):
             self.core.auth_failed(account)
             return
-        self.enter_transaction(login.open_maildrop(self.config, account, self.peer))
+        self.open_maildrop(account)
+
+    def open_maildrop(self, account: object) -> None:
+        """Become the account, lock and scan its maildrop, and enter TRANSACTION (or fail).
+
+        SIGTERM/SIGHUP/SIGINT wait until the maildrop is ours (at most the lock timeout plus the
+        scan): raised between the dotlock's link() and its bookkeeping, or before the maildrop
+        is stored here, a signal would leave the dotlock behind until it is stale.
+        """
+        from pop3d import login
+
+        signal = _signal_module()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
+        try:
+            self.enter_transaction(login.open_maildrop(self.config, account, self.peer))  # type: ignore[arg-type]
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal raises here
+            except BaseException:
+                self._close_maildrop()
+                raise
 
     def enter_transaction(self, opened: bytes | tuple[str, Maildrop]) -> None:
         """Complete an accepted login: TRANSACTION with the maildrop, or the error ([IN-USE],
@@ -437,8 +479,7 @@ class Session:
 
         signal = _signal_module()
         # QUIT was received in full: a SIGTERM now must not cut the update short.
-        blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
         try:
             self.maildrop.commit(request.deleted)
         except md.MaildropError as e:
@@ -462,10 +503,15 @@ class Session:
     def _close_maildrop(self) -> None:
         maildrop, self.maildrop = self.maildrop, None
         if maildrop is not None:
+            # A second signal must not interrupt the release (it would leave the dotlock).
+            signal = _signal_module()
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
             try:
                 maildrop.close()
             except Exception:
                 log.exception("releasing the maildrop")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _log_logout(self) -> None:
         """One summary line, in the manner of Dovecot's pop3 logout format."""
@@ -490,6 +536,12 @@ def _signal_module() -> ModuleType:
     except ImportError:  # pragma: no cover - other interpreters
         import signal
     return signal
+
+
+def _stop_signals() -> set[int]:
+    """The signals that end a session (install_signal_handlers)."""
+    signal = _signal_module()
+    return {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
 def install_signal_handlers() -> None:
