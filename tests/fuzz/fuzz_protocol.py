@@ -87,7 +87,7 @@ def run(seed: int, stream: bytes, chunks: list[int] | None) -> list[object]:
         core.receive_data(piece)
         while True:
             request = core.next_request()
-            out = core.data_to_send()
+            out = bytes(core.data_to_send())
             _check_output(out)
             if out:
                 trace.append(out)
@@ -149,7 +149,7 @@ def run(seed: int, stream: bytes, chunks: list[int] | None) -> list[object]:
         else:
             core.receive_data(b"")
         request = core.next_request()
-        out = core.data_to_send()
+        out = bytes(core.data_to_send())
         _check_output(out)
         if out:
             trace.append(out)
