@@ -150,6 +150,7 @@ class Maildrop:
         "_lock",
         "_lock_ok",
         "_log",
+        "_reader",
         "_tail",
         "listing",
         "path",
@@ -177,6 +178,7 @@ class Maildrop:
         self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
         self._closed = False
         self._lock_ok = True
+        self._reader: _PreadBuffer | None = None
 
     @classmethod
     def open(
@@ -271,26 +273,10 @@ class Maildrop:
         """
         from . import mbox
 
-        if self._fd is None or not self._length:
-            return mbox.iter_message(b"", self.listing, index, body_lines, fmt=self._fmt)
-        reader = _PreadBuffer(self._fd, self._length)
-        try:
-            chunks = mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt)  # type: ignore[arg-type]
-        except OSError as e:
-            raise self._changed(e) from e
-        return self._guarded(chunks)
-
-    def _guarded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        try:
-            yield from chunks
-        except OSError as e:
-            raise self._changed(e) from e
-
-    def _changed(self, e: OSError) -> MaildropTempError:
-        return MaildropTempError(
-            f"{self.path}: unreadable or shorter than scanned ({_why(e)}); "
-            "a program ignoring the locks truncated it?"
-        )
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
+        return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt)  # type: ignore[arg-type]
 
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""
@@ -429,16 +415,17 @@ class Maildrop:
 class _PreadBuffer:
     """The read-only buffer operations mbox's message stream needs, served with pread(2).
 
-    A spool truncated under us gives a short read (EIO here) instead of SIGBUS. The last slice
-    read is kept, so the stream's rfind-then-slice of one window costs one system call; single
-    octets read around it do not evict it.
+    A spool truncated under us gives a short read, and any read error MaildropTempError, instead
+    of a SIGBUS. The last slice read is kept, so the stream's rfind-then-slice of one window costs
+    one system call; single octets read around it do not evict it.
     """
 
-    __slots__ = ("_cache", "_cache_at", "_fd", "_length")
+    __slots__ = ("_cache", "_cache_at", "_fd", "_length", "_path")
 
-    def __init__(self, fd: int, length: int) -> None:
-        self._fd = fd
-        self._length = length
+    def __init__(self, fd: int | None, length: int, path: str) -> None:
+        self._fd = -1 if fd is None else fd
+        self._length = length if fd is not None else 0
+        self._path = path
         self._cache = b""
         self._cache_at = 0
 
@@ -458,23 +445,33 @@ class _PreadBuffer:
             if lo == at and hi == at + len(cache):
                 return cache
             return cache[lo - at : hi - at]
-        data = os.pread(self._fd, hi - lo, lo)
-        if len(data) < hi - lo:
-            parts = [data]
-            offset = lo + len(data)
-            while offset < hi:
-                more = os.pread(self._fd, hi - offset, offset)
-                if not more:
-                    raise _ShortReadError(errno.EIO, "the spool is shorter than when it was scanned")
-                parts.append(more)
-                offset += len(more)
-            data = b"".join(parts)
+        try:
+            data = os.pread(self._fd, hi - lo, lo)
+            if len(data) < hi - lo:
+                parts = [data]
+                offset = lo + len(data)
+                while offset < hi:
+                    more = os.pread(self._fd, hi - offset, offset)
+                    if not more:
+                        raise _ShortReadError(errno.EIO, "shorter than when it was scanned")
+                    parts.append(more)
+                    offset += len(more)
+                data = b"".join(parts)
+        except OSError as e:
+            raise MaildropTempError(
+                f"{self._path}: reading a message failed ({_why(e)}); truncated by a program "
+                "ignoring the locks?"
+            ) from e
         if keep:
             self._cache, self._cache_at = data, lo
         return data
 
     def __getitem__(self, key: int | slice) -> int | bytes:
-        if isinstance(key, slice):
+        if key.__class__ is int:
+            k = key - self._cache_at  # type: ignore[operator]
+            if 0 <= k < len(self._cache):
+                return self._cache[k]
+        elif isinstance(key, slice):
             lo, hi, step = key.indices(self._length)
             if step != 1:
                 raise ValueError("no extended slices")

@@ -102,6 +102,8 @@ def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = Tru
                 os.close(fd)
             child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1)
             status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
+        except SessionEnd:
+            status = 0  # root stopped us (SIGTERM) before our own handling began: not an error
         except BaseException:
             log.exception("pre-authentication process")
         finally:

@@ -330,3 +330,68 @@ def test_sigterm_during_the_update_lets_it_finish(env: Pop3Env) -> None:
     assert env.spool_path().read_bytes() == mbox_bytes(messages[1:])
     if not saw_journal:
         pytest.skip("the update finished before the signal could be sent (machine too fast)")
+
+
+# ------------------------------------------------------------------ the same over TLS
+
+
+@pytest.fixture
+def tls(env: Pop3Env):
+    """Implicit TLS on the inetd socket (certificates as in test_tls); a client factory."""
+    from test_tls import Certs
+
+    certs = Certs(env.base)
+
+    def connect(**settings: object) -> RawClient:
+        env.write_config(**certs.settings(tls="implicit", **settings))
+        sock, proc = env.start()
+        wrapped = certs.client_context().wrap_socket(sock, server_hostname="socketpair")
+        return RawClient(wrapped, proc)
+
+    return connect
+
+
+def test_tls_client_that_never_reads_is_ended_by_the_write_timeout(env: Pop3Env, tls) -> None:
+    data, _ = big_spool(env, 32)
+    client = tls(write_timeout=1)
+    assert client.login().startswith(b"+OK")
+    assert client.cmd(b"DELE 1").startswith(b"+OK")
+    client.send(b"RETR 2")
+    assert client.proc is not None
+    assert client.proc.wait(timeout=60) == 0  # while we still do not read
+    assert "reason=write-timeout" in env.log_text()
+    clean_end(env, client)
+    assert env.spool_path().read_bytes() == data
+
+
+def test_tls_disconnect_mid_retr_changes_nothing(env: Pop3Env, tls) -> None:
+    data, _ = big_spool(env, 32)
+    client = tls()
+    assert client.login().startswith(b"+OK")
+    assert client.cmd(b"DELE 1").startswith(b"+OK")
+    client.send(b"RETR 2")
+    got = 0
+    while got < MIB:
+        got += len(client.sock.recv(65536))
+    raw = socket.socket(fileno=client.sock.detach())  # no close_notify: the cable is pulled
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    raw.close()
+    clean_end(env, client)
+    assert env.spool_path().read_bytes() == data
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_mid_tls_handshake(env: Pop3Env, signum: int) -> None:
+    from test_tls import Certs
+
+    env.write_spool(mbox_bytes([b"Subject: a\n\nx\n"]))
+    env.write_config(**Certs(env.base).settings(tls="implicit"))
+    sock, proc = env.start()
+    sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00")  # the start of a ClientHello, then nothing
+    # The handshake waits for the rest (or the process is still starting: then the default
+    # action ends it, before anything exists to clean up). Either way: nothing left behind.
+    proc.send_signal(signum)
+    assert read_to_eof(sock) == b""  # not one plaintext octet
+    assert proc.wait(timeout=60) in (0, -signum)
+    assert leftovers(env.spool_dir, {"alice"}) == set()
+    no_traceback(env)

@@ -191,7 +191,7 @@ def check(data: bytes) -> None:
         if _summary(_scan(mapped, fmt, window, cap)) != summary:
             raise AssertionError("the listing differs between bytes and a file mapping")
         buffers.append(mapped)
-        buffers.append(maildrop._PreadBuffer(tmp.fileno(), len(spool)))  # what RETR reads through
+        buffers.append(maildrop._PreadBuffer(tmp.fileno(), len(spool), "fuzz"))  # what RETR reads
     try:
         for buf in buffers:
             for i, (s, e) in enumerate(bounds):
