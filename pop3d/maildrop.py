@@ -33,6 +33,8 @@ _JOURNAL_HEADER = "<16sQQQQQQ16s32sQ"
 _NONCE_LEN = 16
 _ALIGN = 4096
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
+# The update check reads From_ lines through the mapping and releases them every 2 x this.
+_RELEASE_BATCH = 1024 * 1024
 
 
 class MaildropError(Exception):
