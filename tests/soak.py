@@ -1,9 +1,10 @@
 """Load and soak: many concurrent POP3 sessions while an MDA delivers into the same spools.
 
     python tests/soak.py [--sessions 500] [--clients 50] [--users 50] [--deliveries 1000]
-                         [--mda procmail|python] [--keep]          # what scripts/soak runs
+                         [--mda procmail|python] [--via listen|inetd] [--keep]   # scripts/soak
 
-A standalone pop3d (`--listen` on loopback) serves `users` htpasswd users (as root, sessions run
+A standalone pop3d (`--listen` on loopback), or openbsd-inetd with the shipped inetd.conf line
+(`--via inetd`, as root), serves `users` htpasswd users (as root, sessions run
 as the mail_user, like the test suite's). `clients` threads run `sessions` sessions in all, each
 for a random user: LIST, UIDL, RETR/TOP of random messages (checked byte for byte against what was
 delivered), DELE of some, then QUIT (or, sometimes, a dropped connection or RSET). Meanwhile the
@@ -128,6 +129,9 @@ class Soak:
         rc.chmod(0o644)
 
     def start_server(self) -> None:
+        if self.args.via == "inetd":
+            self.start_inetd()
+            return
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -149,6 +153,21 @@ class Soak:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("server did not start")
+
+    def start_inetd(self) -> None:
+        """openbsd-inetd with the shipped pop3 line on a loopback port, no start-rate limit."""
+        from serving import inetd_conf_line, launch, write_launcher
+
+        inetd = shutil.which("inetd") or "/usr/sbin/inetd"
+        launcher = write_launcher(self.base)
+        conf = self.base / "inetd.conf"
+
+        def command(port: int) -> list[str]:
+            conf.write_text(inetd_conf_line("pop3", port, launcher, self.conf))
+            return [inetd, "-d", "-R", "1000000", str(conf)]
+
+        launched = launch(command, self.base / "inetd.out")
+        self.server, self.port = launched.proc, launched.port
 
     # ------------------------------------------------------------ the MDA
 
@@ -291,8 +310,9 @@ class Soak:
         clients = [threading.Thread(target=self.client_loop, args=(i, n)) for i, n in enumerate(per_client)]
         for t in mdas + clients:
             t.start()
-        for t in clients:
-            t.join(timeout=args.max_seconds)
+        deadline = time.monotonic() + args.max_seconds
+        for t in clients + mdas:  # every delivery is made, also after the last session
+            t.join(timeout=max(1.0, deadline - time.monotonic()))
         self.delivering = False
         for t in mdas:
             t.join(timeout=300)
@@ -330,7 +350,7 @@ class Soak:
             self.stats.error(f"server children left: {children}")
         self.server.send_signal(signal.SIGTERM)
         status = self.server.wait(timeout=60)
-        if status != 0:
+        if status not in ((0, -signal.SIGTERM) if self.args.via == "inetd" else (0,)):
             self.stats.error(f"server exit status {status}")
         stray = [pid for pid in processes_mentioning(str(self.conf))]
         if stray:
@@ -379,6 +399,7 @@ class Soak:
             "tracebacks_in_log": log.count("Traceback"),
             "errors": self.stats.errors[:20],
             "mda": self.args.mda,
+            "via": self.args.via,
         }
 
     def cleanup(self) -> None:
@@ -493,6 +514,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mda", choices=("procmail", "python"), default="procmail" if shutil.which("procmail") else "python"
     )
+    p.add_argument("--via", choices=("listen", "inetd"), default="listen", help="the launcher")
     p.add_argument("--max-seconds", type=float, default=1800, help="time bound for the clients")
     p.add_argument("--keep", action="store_true", help="keep the spool directory for inspection")
     return p.parse_args(argv)
