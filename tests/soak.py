@@ -116,7 +116,7 @@ class Soak:
             "mailbox": f"{self.spool_dir}/%u",
             "log": str(self.log),
             "auth_failure_delay": 0,
-            "lock_timeout": 20,
+            "lock_timeout": 2,  # short: some logins meet a busy maildrop ([IN-USE], retried)
             "timeout": 120,
             "max_sessions": 4 * self.args.clients,
             "max_sessions_per_ip": 4 * self.args.clients,
@@ -252,7 +252,7 @@ class Soak:
             uids = [line.split()[1] for line in conn.multiline().split(b"\r\n") if line]
             assert len(uids) == len(sizes) == len(set(uids))
             pending: set[bytes] = set()
-            for number in rng.sample(range(1, len(sizes) + 1), min(len(sizes), rng.randrange(0, 6))):
+            for number in rng.sample(range(1, len(sizes) + 1), min(len(sizes), rng.randrange(0, 9))):
                 top = rng.random() < 0.2
                 conn.send(b"TOP %d 3" % number if top else b"RETR %d" % number)
                 assert conn.line().startswith(b"+OK")
@@ -304,8 +304,9 @@ class Soak:
             args.deliveries // mda_workers + (i < args.deliveries % mda_workers) for i in range(mda_workers)
         ]
         # Some mail first, so the first sessions have something to do.
-        for i, user in enumerate(self.users):
-            self.deliver(user, 900_000_000 + i)
+        for k in range(args.initial):
+            for i, user in enumerate(self.users):
+                self.deliver(user, 900_000_000 + k * 1000 + i)
         mdas = [threading.Thread(target=self.mda_loop, args=(i, n)) for i, n in enumerate(per_mda)]
         clients = [threading.Thread(target=self.client_loop, args=(i, n)) for i, n in enumerate(per_client)]
         for t in mdas + clients:
@@ -511,6 +512,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--deliveries", type=int, default=1000)
+    p.add_argument("--initial", type=int, default=4, help="messages per user before the clients start")
     p.add_argument(
         "--mda", choices=("procmail", "python"), default="procmail" if shutil.which("procmail") else "python"
     )

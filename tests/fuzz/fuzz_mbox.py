@@ -11,7 +11,8 @@ whether to go through a real file mapping), then the spool. `check(data)` fails 
   the format (docs/INTERNALS.md) gives, whole (RETR) and cut (TOP), and its length is the listed
   size; no chunk exceeds limits.RETR_CHUNK;
 * the listing (bounds, sizes, UIDs) does not depend on the scan window, nor on bytes vs a
-  read-only file mapping; UIDs are unique, 1..70 printable octets;
+  read-only file mapping, nor on scanning in two halves (the forked helper big spools get);
+  UIDs are unique, 1..70 printable octets;
 * streaming through a file mapping and through maildrop's pread(2) reader (what RETR and TOP use)
   gives the same octets as streaming from bytes.
 """
@@ -115,11 +116,13 @@ def top_content(content: bytes, body_lines: int) -> bytes:
 # ------------------------------------------------------------------ the target
 
 
-def _scan(buf: object, fmt: str, window: int, cap: int) -> mbox.Listing:
+def _scan(buf: object, fmt: str, window: int, cap: int, parallel: bool = False) -> mbox.Listing:
     saved = limits.MBOX_SCAN_WINDOW, limits.UID_HEADER_CAP
     limits.MBOX_SCAN_WINDOW, limits.UID_HEADER_CAP = window, cap
     try:
-        return mbox.scan(buf, fmt)  # type: ignore[arg-type]
+        if parallel:  # the two-halves scan (a forked helper) that big spools get
+            return mbox.scan(buf, fmt, parallel_min=1)  # type: ignore[arg-type]
+        return mbox.scan(buf, fmt, parallel_min=0)  # type: ignore[arg-type]
     finally:
         limits.MBOX_SCAN_WINDOW, limits.UID_HEADER_CAP = saved
 
@@ -173,6 +176,8 @@ def check(data: bytes) -> None:
     summary = _summary(listing)
     if _summary(_scan(spool, fmt, window, cap)) != summary:
         raise AssertionError(f"the listing depends on the scan window ({window})")
+    if c1 & 0x80 and _summary(_scan(spool, fmt, window, cap, parallel=True)) != summary:
+        raise AssertionError("the two-halves scan gives another listing")
     uids = [u for *_, u, _ in summary]
     if len(set(uids)) != len(uids):
         raise AssertionError(f"duplicate UIDs {uids}")
