@@ -280,6 +280,16 @@ class Maildrop:
             reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
         return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt)  # type: ignore[arg-type]
 
+    def message_bytes(self, index: int) -> bytes | None:
+        """The whole small message at once (mbox.message_bytes: one pread), or None: use
+        iter_message. MaildropTempError if the spool was truncated under us."""
+        from . import mbox
+
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
+        return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt)  # type: ignore[arg-type]
+
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""
         ok = self._lock.refresh() if not self._closed else False

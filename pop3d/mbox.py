@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | mmap.mmap
 
-__all__ = ["Listing", "MboxFormatError", "iter_message", "release_pages", "scan"]
+__all__ = ["Listing", "MboxFormatError", "iter_message", "message_bytes", "release_pages", "scan"]
 
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
 _DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
@@ -697,6 +697,28 @@ def _quoted_from(buf: Buffer, pos: int, t: int) -> bool:
             return k > pos and buf[k:end] == b"From "
         k = hi
     return False
+
+
+def message_bytes(buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo") -> bytes | None:
+    """The whole message `index` in sent form (b"".join(iter_message(...))) when it fits in one
+    stream window and needs no regular expression (mboxo); else None: use iter_message.
+
+    RETR of a small message in one call: the generators cost more than the copy.
+    """
+    if _is_rd(fmt):
+        return None
+    s = listing.start(index)
+    e = listing.end(index)
+    window = max(limits.RETR_CHUNK, 1)
+    if e - s > max(window - (window >> 3), 2) or listing.scanned_length > len(buf):
+        return None
+    chunk = buf[s:e]
+    if b"\r" in chunk:
+        chunk = chunk.replace(b"\r\n", b"\n")
+    chunk = chunk.replace(b"\n", b"\r\n")
+    if e > s and buf[e - 1] != 10:
+        chunk += b"\r\n"  # a final line without LF
+    return chunk
 
 
 def _stream(

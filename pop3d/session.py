@@ -400,6 +400,23 @@ class Session:
         assert self.maildrop is not None
         from pop3d import maildrop as md
 
+        if request.body_lines is None:
+            try:
+                data = self.maildrop.message_bytes(request.index)
+            except md.MaildropTempError as e:  # as below: nothing of this reply may leave now
+                log.error(f"retrieval aborted: {e}")
+                self._out = bytearray()
+                raise SessionEnd("spool-changed") from None
+            if data is not None:  # a small message: one read, one copy, no generators (same bytes)
+                out = self._out
+                if data:
+                    stuffed = data.replace(b"\n.", b"\n..")
+                    if stuffed[:1] == b".":
+                        out += b"."
+                    out += stuffed
+                out += wire.TERMINATOR  # data ends with CRLF: the terminator line follows
+                self.core.retrieve_done()
+                return
         stuffer = wire.DotStuffer()
         parts: list[bytes | bytearray] = [self._out] if self._out else []  # the "+OK" line
         held = len(self._out)

@@ -630,3 +630,23 @@ def test_parallel_scan_of_a_mapped_spool(tmp_path):
         parallel = mbox.scan(mm, "mboxo", parallel_min=1)
         same_listing(parallel, mbox.scan(mm, "mboxo", parallel_min=0))
         assert parallel.count == 3000
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=contents, fmt=st.sampled_from(["mboxo", "mboxrd"]), chunk=st.integers(1, 60))
+def test_property_message_bytes_is_the_stream_joined(content, fmt, chunk):
+    """RETR's one-call path for small messages sends exactly what the stream sends."""
+    data = b"From " + content
+    with small_windows(8, chunk):
+        listing = mbox.scan(data, fmt)
+        for i in range(listing.count):
+            whole = mbox.message_bytes(data, listing, i, fmt)
+            if whole is not None:
+                assert whole == b"".join(mbox.iter_message(data, listing, i, None, fmt))
+                assert len(whole) == listing.size(i)
+    if fmt == "mboxo" and chunk >= 40:
+        assert all(
+            mbox.message_bytes(data, listing, i, fmt) is not None
+            for i in range(listing.count)
+            if listing.end(i) - listing.start(i) <= 2
+        )
