@@ -17,7 +17,9 @@ from pop3d import limits, log, protocol, wire
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
     from types import ModuleType
+    from typing import Any
 
     from pop3d.config import Config
     from pop3d.maildrop import Maildrop
@@ -82,18 +84,23 @@ class Connection:
         self.bytes_in += len(data)
         return data
 
-    def write_parts(self, parts: list[bytes | bytearray], timeout: float | None = None) -> None:
-        """Write the parts in order, as one writev(2) when the client keeps up."""
-        total = sum(len(part) for part in parts)
+    def _write_once(self, write: Callable[[int, Any], int], data: Any) -> int:
+        """One write(2) or writev(2): octets written, 0 when the socket is full; a gone client ends."""
         try:
-            written = os.writev(self.wfd, parts) if total else 0
+            written = write(self.wfd, data)
         except BlockingIOError:
-            written = 0
+            return 0
         except OSError as e:
             if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise SessionEnd("disconnected") from None
             raise
         self.bytes_out += written
+        return written
+
+    def write_parts(self, parts: list[bytes | bytearray], timeout: float | None = None) -> None:
+        """Write the parts in order, as one writev(2) when the client keeps up."""
+        total = sum(len(part) for part in parts)
+        written = self._write_once(os.writev, parts) if total else 0
         if written < total:  # the socket buffer is full: the rest the slow way
             self.write_all(memoryview(b"".join(parts))[written:], timeout)
 
@@ -103,15 +110,7 @@ class Connection:
         deadline = time.monotonic() + (self.write_timeout if timeout is None else timeout)
         poller = None
         while view:
-            try:
-                written = os.write(self.wfd, view)
-            except BlockingIOError:
-                written = 0
-            except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                    raise SessionEnd("disconnected") from None
-                raise
-            self.bytes_out += written
+            written = self._write_once(os.write, view)
             view = view[written:]
             if view:
                 if poller is None:
