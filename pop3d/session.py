@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from pop3d.maildrop import Maildrop
 
 
+# errno values that mean the client is gone: a read sees the end of input, a write ends the session.
+READ_GONE = (errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN, errno.EPIPE)
+WRITE_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+
 class SessionEnd(Exception):
     """The session must end now, without update: the client vanished, a timeout, a signal."""
 
@@ -78,7 +83,7 @@ class Connection:
         except BlockingIOError:
             return None
         except OSError as e:
-            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN, errno.EPIPE):
+            if e.errno in READ_GONE:
                 return b""
             raise
         self.bytes_in += len(data)
@@ -91,7 +96,7 @@ class Connection:
         except BlockingIOError:
             return 0
         except OSError as e:
-            if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            if e.errno in WRITE_GONE:
                 raise SessionEnd("disconnected") from None
             raise
         self.bytes_out += written
@@ -179,7 +184,7 @@ class TlsConnection:
             log.warning(f"TLS error: {e.reason or e}")
             raise SessionEnd("tls-error") from None
         except OSError as e:
-            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN, errno.EPIPE):
+            if e.errno in READ_GONE:
                 return b""
             raise
         self.bytes_in += len(data)
@@ -204,7 +209,7 @@ class TlsConnection:
                 log.warning(f"TLS error: {e.reason or e}")
                 raise SessionEnd("tls-error") from None
             except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                if e.errno in WRITE_GONE:
                     raise SessionEnd("disconnected") from None
                 raise
             self.bytes_out += written
