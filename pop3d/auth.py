@@ -15,7 +15,6 @@ from pop3d import limits
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import ModuleType
 
 __all__ = [
     "Account",
@@ -57,7 +56,9 @@ _DUMMY_HASH = f"$2b${limits.BCRYPT_COST:02d}$Pop3dDummySaltForMisseoPXtQQraeCCF3
 # name): yescrypt at Debian 12's default cost ("j9T"), what pam_unix spends on a real account,
 # so the refusal costs the same CPU time as a wrong password. Nothing hashes to it.
 _DUMMY_SYSTEM_SETTING = "$y$j9T$Pop3dDummySalt.Pop3d$"
-# Linux-PAM item types python-pam does not export (security/_pam_types.h).
+# Linux-PAM item types (security/_pam_types.h).
+_PAM_USER = 2
+_PAM_RHOST = 4
 _PAM_FAIL_DELAY = 10
 # PAM results that mean "the backend is broken", not "these credentials are wrong": [SYS/TEMP].
 _PAM_UNAVAILABLE = {
@@ -73,7 +74,7 @@ _PAM_UNAVAILABLE = {
 }
 
 _UNSET = object()
-_pam_state: object = _UNSET  # (pam module, ctypes module, no-delay callback) once loaded
+_pam_state: _Pam | None = None  # libpam, once loaded
 _crypt_fn: object = _UNSET  # Callable[[str, str], str] | None once loaded
 
 
@@ -218,101 +219,192 @@ class SystemAuthenticator:
         return None
 
 
-def preload_pam() -> None:
-    """Load python-pam and libpam now (~30 ms: ctypes, find_library) instead of at PASS time.
+def preload_pam(service: str | None = None) -> None:
+    """Load libpam now, and with `service` also start a PAM transaction (its modules loaded),
+    instead of at PASS time.
 
     Called while the client is still typing (privilege separation) or before a privilege drop.
+    The transaction started here has no user yet: the first check of `service` takes it over.
     """
-    _load_pam()
+    pam = _load_pam()
+    if service is not None and pam.spare is None:
+        code, handle, conv = pam.start(service)
+        if code == 0:
+            pam.spare = (service, handle, conv)  # else the check starts again, and reports
 
 
-def _load_pam() -> tuple[object, object, object]:
+def _load_pam() -> _Pam:
     global _pam_state
-    if _pam_state is _UNSET:
+    if _pam_state is None:
+        _pam_state = _Pam()
+    return _pam_state
+
+
+class _Pam:
+    """Linux-PAM through ctypes: pam_start, the auth and account phases, pam_end; nothing else.
+
+    Written here rather than taken from python-pam: that package imports `typing` and
+    `threading` (~3 ms of every login), answers only the first prompt, and cannot start a
+    transaction before the user name is known. Raises AuthUnavailableError if libpam is missing.
+    """
+
+    def __init__(self) -> None:
         try:
             import ctypes
-
-            pam = _import_pam()
         except ImportError as exc:
-            raise AuthUnavailableError("python-pam is not installed (pip install python-pam)") from exc
-        try:
-            pam.PamAuthenticator._ensure_libs()
-        except (OSError, AttributeError, TypeError) as exc:
-            raise AuthUnavailableError(f"cannot load libpam: {exc}") from exc
+            raise AuthUnavailableError("ctypes is not available: cannot call libpam") from exc
+        self.ctypes = ctypes
+        lib = None
+        for name in ("libpam.so.0", "libpam.so"):  # the dynamic loader resolves stable sonames
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            from ctypes.util import find_library
 
-        @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+            found = find_library("pam")
+            try:
+                lib = ctypes.CDLL(found) if found else None
+            except OSError:
+                lib = None
+        if lib is None:
+            raise AuthUnavailableError("cannot load libpam (Linux-PAM)")
+        libc = ctypes.CDLL(None)
+        c_int, c_void_p, c_char_p, pointer = ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER
+
+        class Message(ctypes.Structure):
+            _fields_ = (("msg_style", c_int), ("msg", c_char_p))
+
+        class Response(ctypes.Structure):
+            _fields_ = (("resp", c_void_p), ("resp_retcode", c_int))
+
+        conv_type = ctypes.CFUNCTYPE(
+            c_int, c_int, pointer(pointer(Message)), pointer(pointer(Response)), c_void_p
+        )
+
+        class Conv(ctypes.Structure):
+            _fields_ = (("conv", conv_type), ("appdata_ptr", c_void_p))
+
+        self.calloc = libc.calloc
+        self.calloc.restype, self.calloc.argtypes = c_void_p, (ctypes.c_size_t, ctypes.c_size_t)
+        self.strdup = libc.strdup
+        self.strdup.restype, self.strdup.argtypes = c_void_p, (c_char_p,)
+        self.free = libc.free
+        self.free.restype, self.free.argtypes = None, (c_void_p,)
+        handle_p = pointer(c_void_p)
+        self.pam_start = lib.pam_start
+        self.pam_start.restype, self.pam_start.argtypes = c_int, (c_char_p, c_char_p, pointer(Conv), handle_p)
+        self.pam_set_item = lib.pam_set_item
+        self.pam_set_item.restype, self.pam_set_item.argtypes = c_int, (c_void_p, c_int, c_void_p)
+        self.pam_authenticate = lib.pam_authenticate
+        self.pam_authenticate.restype, self.pam_authenticate.argtypes = c_int, (c_void_p, c_int)
+        self.pam_acct_mgmt = lib.pam_acct_mgmt
+        self.pam_acct_mgmt.restype, self.pam_acct_mgmt.argtypes = c_int, (c_void_p, c_int)
+        self.pam_strerror = lib.pam_strerror
+        self.pam_strerror.restype, self.pam_strerror.argtypes = c_char_p, (c_void_p, c_int)
+        self.pam_end = lib.pam_end
+        self.pam_end.restype, self.pam_end.argtypes = c_int, (c_void_p, c_int)
+        self.response_size = ctypes.sizeof(Response)
+        self.response_array = pointer(Response)
+        # The answers of the conversation: the user name (echo on), the password (echo off).
+        self.answers: tuple[bytes, bytes] | None = None
+        # (service, handle, conversation) of a transaction started ahead of the check.
+        self.spare: tuple[str, object, object] | None = None
+        # An exception (a signal's SessionEnd) raised inside the conversation: re-raised after
+        # pam_end, never unwound through libpam.
+        self.raised: BaseException | None = None
+        self.conv_type = conv_type
+        self.conv_struct = Conv
+
+        @ctypes.CFUNCTYPE(None, c_int, ctypes.c_uint, c_void_p)
         def no_delay(retval: int, usec: int, appdata: object) -> None:
             """PAM's failure delay (pam_unix: 2 s, pam_faildelay): skipped, pop3d pads instead."""
 
-        _pam_state = (pam, ctypes, no_delay)
-    return _pam_state  # type: ignore[return-value]
+        self.no_delay = no_delay
 
+    def start(self, service: str) -> tuple[int, object, object]:
+        """pam_start for `service`, without a user yet: (result code, handle, conversation)."""
+        ctypes = self.ctypes
+        conv = self.conv_struct(self.conv_type(self._converse), None)
+        handle = ctypes.c_void_p()
+        name = service.encode("ascii", "replace")
+        code = self.pam_start(name, None, ctypes.byref(conv), ctypes.byref(handle))
+        if code == 0 and not handle.value:
+            code = 4  # PAM_SYSTEM_ERR
+        return code, handle, conv
 
-def _import_pam() -> ModuleType:
-    """python-pam, imported with a stand-in for `ctypes.util`, whose one use there is
-    find_library("pam") and find_library("pam_misc").
-
-    The real `ctypes.util` imports shutil, subprocess, tempfile... (~18 ms), and its find_library
-    runs `ldconfig -p` in a subprocess (~60 ms): both on every PAM login, beside a ~50 ms
-    yescrypt hash. libpam's sonames are stable ABI names the dynamic loader resolves itself;
-    any other name, or one that does not load, goes to the real find_library.
-    """
-    import sys
-
-    stand_in = None
-    if "ctypes.util" not in sys.modules:
-        stand_in = type(sys)("ctypes.util")
-        stand_in.find_library = _find_library  # type: ignore[attr-defined]
-        sys.modules["ctypes.util"] = stand_in
-    try:
-        import pam
-    finally:
-        if stand_in is not None and sys.modules.get("ctypes.util") is stand_in:
-            del sys.modules["ctypes.util"]  # anyone else importing it gets the real module
-    return pam
-
-
-def _find_library(name: str) -> str | None:
-    import ctypes
-
-    soname = {"pam": "libpam.so.0", "pam_misc": "libpam_misc.so.0"}.get(name)
-    if soname is not None:
+    def _converse(self, count: int, messages: object, responses: object, appdata: object) -> int:
+        """Answer each prompt: the user name when it echoes, the password when it does not;
+        nothing to error and information messages. Runs inside pam_authenticate."""
         try:
-            ctypes.CDLL(soname)
-            return soname
-        except OSError:
-            pass
-    from ctypes.util import find_library
+            if count <= 0 or self.answers is None:
+                return 19  # PAM_CONV_ERR
+            replies = self.calloc(count, self.response_size)
+            if not replies:
+                return 5  # PAM_BUF_ERR
+            array = self.ctypes.cast(replies, self.response_array)
+            for i in range(count):
+                style = messages[i].contents.msg_style  # type: ignore[index]
+                answer = self.answers[1] if style == 1 else self.answers[0] if style == 2 else None
+                if answer is not None:
+                    copy = self.strdup(answer)
+                    if not copy:
+                        for j in range(i):
+                            self.free(array[j].resp)
+                        self.free(replies)
+                        return 5  # PAM_BUF_ERR
+                    array[i].resp = copy
+            responses[0] = array  # type: ignore[index]
+            return 0
+        except BaseException as e:  # never unwind through libpam
+            self.raised = e
+            return 19  # PAM_CONV_ERR
 
-    return find_library(name)
+    def check(self, service: str, name: str, password: bytes, rhost: str) -> tuple[int, str]:
+        """pam_authenticate + pam_acct_mgmt for `name`: (PAM result code, its text)."""
+        ctypes = self.ctypes
+        spare, self.spare = self.spare, None
+        if spare is not None and spare[0] == service:
+            handle, conv = spare[1], spare[2]
+        else:
+            if spare is not None:
+                self.pam_end(spare[1], 0)
+            code, handle, conv = self.start(service)
+            if code != 0:
+                return code, "pam_start failed"
+        code = 4  # PAM_SYSTEM_ERR
+        flags = 0x8000 | 0x1  # PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
+        user = name.encode("ascii", "replace")
+        # Without the delay callback, PAM sleeps ~2 s (randomised) after a failure, on top of
+        # pop3d's own delay.
+        items = (
+            (_PAM_USER, user),
+            (_PAM_RHOST, rhost.encode("ascii", "replace")),
+            (_PAM_FAIL_DELAY, ctypes.cast(self.no_delay, ctypes.c_void_p)),
+        )
+        reason = None
+        try:
+            self.answers = (user, password)
+            if all(self.pam_set_item(handle, item, value) == 0 for item, value in items):
+                code = self.pam_authenticate(handle, flags)
+                if code == 0:
+                    code = self.pam_acct_mgmt(handle, flags)
+            reason = self.pam_strerror(handle, code)
+        finally:
+            self.answers = None
+            self.pam_end(handle, code)
+            del conv  # the conversation had to live until pam_end
+            raised, self.raised = self.raised, None
+        if raised is not None:
+            raise raised
+        return code, (reason or b"").decode("utf-8", "replace")
 
 
 def _pam_check(service: str, name: str, password: bytes, rhost: str) -> tuple[int, str]:
     """pam_authenticate + pam_acct_mgmt for `service`: (PAM result code, its text)."""
-    pam, ctypes, no_delay = _load_pam()
-    handle = pam.PamAuthenticator()  # type: ignore[attr-defined]
-    flags = pam.PAM_SILENT | pam.PAM_DISALLOW_NULL_AUTHTOK  # type: ignore[attr-defined]
-    set_item = handle.pam_set_item
-    pam_authenticate = handle.pam_authenticate
-    pam_acct_mgmt = handle.pam_acct_mgmt
-
-    # python-pam lets a caller replace these per object; used to set items and flags it does not.
-    def authenticate(pamh: object, _flags: int) -> int:
-        # Without this, PAM sleeps ~2 s (randomised) after a failure, on top of pop3d's delay.
-        set_item(pamh, _PAM_FAIL_DELAY, ctypes.cast(no_delay, ctypes.c_void_p))  # type: ignore[attr-defined]
-        set_item(pamh, pam.PAM_RHOST, rhost.encode("ascii", "replace"))  # type: ignore[attr-defined]
-        return int(pam_authenticate(pamh, flags))
-
-    def acct_mgmt(pamh: object, _flags: int) -> int:
-        return int(pam_acct_mgmt(pamh, flags))
-
-    handle.pam_authenticate = authenticate
-    handle.pam_acct_mgmt = acct_mgmt
-    try:
-        handle.authenticate(name, password, service=service, resetcreds=False)
-    except (ValueError, TypeError, OSError) as exc:
-        return 4, f"python-pam: {exc}"  # PAM_SYSTEM_ERR
-    return int(handle.code), str(handle.reason)
+    return _load_pam().check(service, name, password, rhost)
 
 
 def hash_password(password: str, scheme: str = "bcrypt") -> str:

@@ -159,7 +159,51 @@ def preload() -> None:
 
     The account may not be able to read the interpreter's or pop3d's files (a Python under
     /root, a mode-700 checkout), and a failed import mid-session would end it with an error.
+    Waits for a `preload_behind` still running, then makes sure (an import failed there is
+    tried again here, and raises here).
     """
+    wait_preload()
+    _import_session_modules()
+
+
+def wait_preload() -> None:
+    """Wait for a `preload_behind` still running (a process must not exit in its middle)."""
+    global _preloading
+    waiting, _preloading = _preloading, None
+    if waiting is not None:
+        waiting.acquire()
+
+
+def preload_behind() -> None:
+    """Start `preload`'s imports in a thread: they then run while the main thread waits for the
+    credentials and while the password hash runs in C (PAM and ctypes release the GIL), not
+    after. `preload()` waits for it; call it before dropping root (`open_maildrop` does).
+
+    Start it with the stop signals blocked: the thread inherits the mask, so a SIGTERM goes to
+    the main thread and interrupts what it is waiting on.
+    """
+    global _preloading
+    import _thread
+
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def work() -> None:
+        try:
+            _import_session_modules()
+        except BaseException:
+            pass  # preload() tries again in the main thread, where a failure is reported
+        finally:
+            done.release()
+
+    _preloading = done
+    _thread.start_new_thread(work, ())
+
+
+_preloading = None  # the lock a running preload_behind releases when done
+
+
+def _import_session_modules() -> None:
     import array  # noqa: F401
     import binascii  # noqa: F401
     import fcntl  # noqa: F401

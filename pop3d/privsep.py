@@ -113,7 +113,12 @@ def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = Tru
     monitor = _Monitor(config, conn, peer, pid, to_root_r, to_child_w, relay[0] if relay else -1)
     os.close(to_root_w)
     os.close(to_child_r)
-    return monitor.run(mask)
+    try:
+        return monitor.run(mask)
+    finally:
+        from pop3d import login
+
+        login.wait_preload()  # a session that ended before a login: let the imports finish
 
 
 def _relay_pair() -> tuple[int, int]:
@@ -150,17 +155,23 @@ class _Monitor:
         failures = 0
         allowed = int(self.config.max_auth_failures)  # type: ignore[call-overload]
         try:  # from the first instruction: a SIGTERM anywhere must also end the child
-            if mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            from pop3d import auth, login
+            from pop3d import auth
 
-            # The client is still typing: load what the check and the session need now.
-            login.preload()
+            # The client is still typing. What the check needs comes first: libpam and a PAM
+            # transaction with its modules loaded (not its user: no client byte is known yet).
             if self.config.auth == "system":
                 try:
-                    auth.preload_pam()
+                    auth.preload_pam(str(self.config.pam_service))
                 except auth.AuthUnavailableError:
                     pass  # said again, and answered [SYS/TEMP], at the check
+            from pop3d import login
+
+            # What the session needs after the privilege drop loads in a thread, during the wait
+            # and the hash; open_maildrop waits for it before the drop. Started while the stop
+            # signals are blocked, so that they go to this (the main) thread.
+            login.preload_behind()
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             while True:
                 frame = recv(self.rfd)
                 if frame is None:

@@ -470,6 +470,19 @@ def test_import_is_cheap() -> None:
     assert _run(code, site=False) == ""
 
 
+def test_pam_is_loaded_without_typing_or_threading() -> None:
+    """libpam through pop3d's own ctypes binding: starting a PAM transaction (done while the
+    client is still typing) imports no python-pam, `typing`, `threading` or `ctypes.util`."""
+    if not Path("/etc/pam.d").is_dir():
+        pytest.skip("needs Linux-PAM (/etc/pam.d)")
+    code = (
+        "import sys\nfrom pop3d import auth\nauth.preload_pam('pop3d')\n"
+        "assert auth._pam_state.spare is not None, 'no transaction started'\n"
+        "print(*[m for m in ('pam', 'typing', 'threading', 'ctypes.util') if m in sys.modules])"
+    )
+    assert _run(code) == ""
+
+
 def test_crypt_verification_imports_no_passlib(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     path.write_text(f"alice:{HASHERS['sha512_crypt']('pw')}\nbob:{HASHERS['bcrypt-2b']('pw')}\n")
