@@ -516,6 +516,48 @@ def _compare_fn() -> Callable[[bytes, bytes], bool]:
     return _compare_digest
 
 
+def preload_crypt() -> None:
+    """Verify crypt(3) hashes from now on through libxcrypt's `crypt_rn`, called by ctypes, if
+    it is there: the hash (~50 ms for bcrypt) then runs without the interpreter lock, so another
+    thread goes on meanwhile (privsep's root imports the session's modules). `_crypt` holds
+    the lock throughout. Costs the import of ctypes (~2 ms): call it while the client types.
+    """
+    global _crypt_fn
+    if _crypt_fn is _UNSET:
+        fn = _ctypes_crypt()
+        if fn is not None:
+            _crypt_fn = fn
+
+
+def _ctypes_crypt() -> Callable[[str, str], str] | None:
+    """crypt(word, setting) with `_crypt.crypt`'s contract, by libxcrypt's crypt_rn; None if
+    ctypes, libcrypt.so.1 or crypt_rn (libxcrypt only) is missing."""
+    try:
+        import ctypes
+
+        crypt_rn = ctypes.CDLL("libcrypt.so.1").crypt_rn
+    except (ImportError, OSError, AttributeError):
+        return None
+    crypt_rn.restype = ctypes.c_char_p
+    crypt_rn.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
+    # struct crypt_data is 32 KiB in libxcrypt; crypt_rn refuses a smaller buffer (ERANGE).
+    size = 1 << 17
+
+    def crypt(word: str, setting: str) -> str:
+        if "\0" in word or "\0" in setting:
+            raise ValueError("embedded null character")
+        data = ctypes.create_string_buffer(size)
+        try:
+            result = crypt_rn(word.encode("utf-8"), setting.encode("utf-8"), data, size)
+        finally:
+            ctypes.memset(data, 0, size)  # it held a copy of the password
+        if result is None:  # what crypt_r (behind `_crypt`) returns instead: a failure token
+            return "*1" if setting.startswith("*0") else "*0"
+        return result.decode("utf-8", "replace")
+
+    return crypt
+
+
 def _load_crypt() -> Callable[[str, str], str] | None:
     """libxcrypt's crypt(3) through the cheapest import that has it, or None.
 

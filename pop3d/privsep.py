@@ -77,7 +77,6 @@ def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = Tru
     if config.tls == "implicit" and not conn.is_socket():
         log.error("tls = implicit needs a socket on standard input and output")
         return 78
-    _preload_child()
     import gc
 
     gc.freeze()  # a collection in either process would touch, and so copy, every shared page
@@ -100,6 +99,7 @@ def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = Tru
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (to_root_r, to_child_w, *(relay[:1] if relay else ())):
                 os.close(fd)
+            _preload_child()  # here, not before the fork: root does not wait for it
             child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1)
             status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
         except SessionEnd:
@@ -164,6 +164,7 @@ class _Monitor:
                     auth.preload_pam(str(self.config.pam_service))
                 except auth.AuthUnavailableError:
                     pass  # said again, and answered [SYS/TEMP], at the check
+            auth.preload_crypt()  # crypt(3) without the interpreter lock: the thread below goes on
             from pop3d import login
 
             # What the session needs after the privilege drop loads in a thread, during the wait
@@ -199,9 +200,11 @@ class _Monitor:
                         os.close(conn.rfd)  # the relay sees the end, says it to the client, exits
                         self._stop(None)
                 # The child is waiting for the answer and reads nothing meanwhile: whatever the
-                # client sent after the request is in `pending` or still in the socket.
-                self._stop(signal.SIGKILL)
-                return self._transaction(self.conn, request, outcome)
+                # client sent after the request is in `pending` or still in the socket. Killed
+                # now; reaped (its exit takes ~1 ms) once the maildrop is open, before the session
+                # reads or writes the connection.
+                _signal(self.pid, signal.SIGKILL)
+                return self._transaction(self.conn, request, outcome, reap=True)
         except FrameError as e:
             log.error(f"pre-authentication process: {e}; ending the session")
             self._stop(signal.SIGKILL)
@@ -242,13 +245,16 @@ class _Monitor:
                     pass
         self.rfd = self.wfd = self.relay = -1
 
-    def _transaction(self, conn: Connection, request: _Request, account: object) -> int:
-        """The child is out of the way: become the account, open the maildrop, serve the session."""
+    def _transaction(self, conn: Connection, request: _Request, account: object, reap: bool = False) -> int:
+        """The child is out of the way (killed; with `reap`, reaped here before the connection is
+        touched): become the account, open the maildrop, serve the session."""
         conn.bytes_in += request.bytes_in
         conn.bytes_out += request.bytes_out
         session = Session(self.config, conn, self.peer)
         session.core.resume(request.user, request.pending, request.commands)
         session.open_maildrop(account)  # signals held off until the maildrop is the session's
+        if reap:
+            self._stop(None)
         session.run()
         return 0
 

@@ -213,6 +213,31 @@ def test_yescrypt_without_crypt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert not authn.authenticate("alice", RIGHT.encode())
 
 
+@pytest.mark.parametrize("scheme", CRYPT_SCHEMES)
+def test_crypt_without_the_interpreter_lock_answers_as_crypt(tmp_path: Path, scheme: str) -> None:
+    """preload_crypt's crypt_rn (ctypes, no GIL held) gives `_crypt.crypt`'s answers: hashes,
+    failure tokens for malformed settings, ValueError for a NUL; and verifies through htpasswd."""
+    fn = auth._ctypes_crypt()
+    if fn is None:
+        pytest.skip("no libxcrypt crypt_rn here")
+    reference = _stdlib_crypt().crypt
+    hashed = HASHERS[scheme](RIGHT)
+    settings = [hashed, hashed[:29], "$2b$", "", "*0", "garbage", "$6$rounds=5000$abcdefgh$"]
+    for setting in settings:
+        for word in (RIGHT, WRONG, "", "p\xe4ssw\xf6rt"):
+            assert fn(word, setting) == reference(word, setting), (word, setting)
+    with pytest.raises(ValueError):
+        fn("a\0b", hashed)
+    authn = _htpasswd(tmp_path, f"alice:{hashed}\n")
+    code = (
+        "import sys\nfrom pop3d import auth\nauth.preload_crypt()\n"
+        "assert auth._crypt_fn.__module__ == 'pop3d.auth', auth._crypt_fn\n"
+        "a = auth.HtpasswdAuthenticator(sys.argv[1])\n"
+        f"print(a.authenticate('alice', {RIGHT.encode()!r}), a.authenticate('alice', {WRONG.encode()!r}))"
+    )
+    assert _run(code, authn.path) == "True False"
+
+
 # -- unknown users cost a verification -----------------------------------------------------
 
 
