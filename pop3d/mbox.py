@@ -43,7 +43,7 @@ import mmap
 import os
 from array import array
 
-from pop3d import limits
+from pop3d import bulk, limits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -468,6 +468,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     rx_start, _, rx_volatile = _regexes()
     strip_volatile = rx_volatile.sub
     sha256 = hashlib.sha256
+    count_lf, separators = bulk.count_lf, bulk.separators
     release = _releaser(buf)
     starts = array("Q")
     ends = array("Q")
@@ -535,28 +536,9 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
                 quoted += 1  # a line longer than the window: ask buf, the window may hold only ">"
         qi = 0
 
-        # Separators in the window (chunk offsets of the LF before "From "), found backwards:
-        # CPython's rfind keys on the needle's first octet (LF, rare) and beats find here.
-        seps = []
-        if cr:
-            r = chunk.rfind(b"\nF", a, b + 1)
-            while r >= 0:
-                if chunk[r + 1 : r + 6] == b"From " and (
-                    chunk[r - 1] == 10 or (chunk[r - 1] == 13 and chunk[r - 2] == 10)
-                ):
-                    seps.append(r)
-                r = chunk.rfind(b"\nF", a, r + 1)
-        else:
-            first = a - 1 if a else 0
-            r = chunk.rfind(b"\n\nF", first, b + 1)  # the LF before "From " at most at hi - 1
-            while r >= 0:
-                if chunk[r + 2 : r + 7] == b"From ":
-                    seps.append(r + 1)
-                r = chunk.rfind(b"\n\nF", first, r + 2)
-
         cur = a
-        for j in reversed(seps):
-            lf += chunk.count(b"\n", cur, j + 1)
+        for j in separators(chunk, a, b):  # chunk offsets of the LF before "From ", ascending
+            lf += count_lf(chunk, cur, j + 1)
             if cr:
                 crlf += chunk.count(b"\r\n", cur, j + 1)
             while qi < len(quotes) and quotes[qi] < j:
@@ -578,7 +560,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
             from_crlf = buf[s - 2] == 13
             lf = crlf = quoted = 0
             cur = j + 1
-        lf += chunk.count(b"\n", cur, b)
+        lf += count_lf(chunk, cur, b)
         if cr:
             crlf += chunk.count(b"\r\n", cur, b)
         quoted += len(quotes) - qi
@@ -725,10 +707,7 @@ def message_bytes(buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo")
     window = max(limits.RETR_CHUNK, 1)
     if e - s > max(window - (window >> 3), 2) or listing.scanned_length > len(buf):
         return None
-    chunk = buf[s:e]
-    if b"\r" in chunk:
-        chunk = chunk.replace(b"\r\n", b"\n")
-    chunk = chunk.replace(b"\n", b"\r\n")
+    chunk = bulk.to_crlf(buf[s:e])
     if e > s and buf[e - 1] != 10:
         chunk += b"\r\n"  # a final line without LF
     return chunk
@@ -739,6 +718,7 @@ def _stream(
 ) -> Iterator[bytes]:
     """Sent form of content [s, t) of a message whose content ends at e."""
     rx_sub = None
+    to_crlf = bulk.to_crlf
     if rd:
         _, rx_sub, _ = _regexes()
     # Read windows leave room for LF -> CRLF growth, so one window is usually one chunk.
@@ -762,9 +742,7 @@ def _stream(
             chunk = buf[pos:lim]
             if rx_sub is not None and b">From " in chunk:
                 chunk = rx_sub.sub(rb"\n\1", chunk)
-            if b"\r" in chunk:
-                chunk = chunk.replace(b"\r\n", b"\n")
-            chunk = chunk.replace(b"\n", b"\r\n")
+            chunk = to_crlf(chunk)
             if release is not None:
                 release(pos - _MAP_MARGIN, lim - _MAP_MARGIN)
             pos = lim

@@ -410,6 +410,7 @@ class Session:
         ".\r\n" always leaves in the same write as the message's end (a client delaying its ACKs
         would otherwise stall ~40 ms per message on our small last write)."""
         assert self.maildrop is not None
+        from pop3d import bulk
         from pop3d import maildrop as md
 
         if request.body_lines is None:
@@ -422,7 +423,7 @@ class Session:
             if data is not None:  # a small message: one read, one copy, no generators (same bytes)
                 out = self._out
                 if data:
-                    stuffed = data.replace(b"\n.", b"\n..")
+                    stuffed = bulk.dot_stuff(data)
                     if stuffed[:1] == b".":
                         out += b"."
                     out += stuffed

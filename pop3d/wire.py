@@ -143,15 +143,18 @@ class DotStuffer:
     Only state needed across chunks: whether the next byte starts a line.
     """
 
-    __slots__ = ("_at_line_start",)
+    __slots__ = ("_at_line_start", "_dot_stuff")
 
     def __init__(self) -> None:
+        from pop3d.bulk import dot_stuff  # not at module level: this module is on the greeting's path
+
         self._at_line_start = True
+        self._dot_stuff = dot_stuff
 
     def stuff(self, chunk: bytes) -> bytes:
         if not chunk:
             return chunk
-        out = chunk.replace(b"\n.", b"\n..")
+        out = self._dot_stuff(chunk)
         if self._at_line_start and out[:1] == b".":
             out = b"." + out
         self._at_line_start = chunk[-1:] == b"\n"

@@ -201,3 +201,34 @@ def recv_until(sock: socket.socket, terminator: bytes, limit: int = 1 << 26) -> 
         data += chunk
         assert len(data) < limit
     return data
+
+
+BULK_NAMES = ("count_lf", "separators", "to_crlf", "dot_stuff")
+
+
+@pytest.fixture(scope="module", params=["C", "Python"])
+def bulk_impl(request) -> Iterator[str]:
+    """Run a module's tests once with the C accelerator's byte loops and once with the Python ones.
+
+    Without the built extension the C round skips (CI sets POP3D_REQUIRE_SPEEDUPS=1: it fails).
+    """
+    from pop3d import bulk
+
+    if request.param == "C":
+        try:
+            from pop3d import _speedups
+        except ImportError:
+            if os.environ.get("POP3D_REQUIRE_SPEEDUPS") == "1":
+                pytest.fail("pop3d._speedups is not built (POP3D_REQUIRE_SPEEDUPS=1)")
+            pytest.skip("the C accelerator pop3d._speedups is not built (no C compiler at install)")
+        chosen = {name: getattr(_speedups, name) for name in BULK_NAMES}
+    else:
+        chosen = {name: getattr(bulk, "py_" + name) for name in BULK_NAMES}
+    saved = {name: getattr(bulk, name) for name in BULK_NAMES}
+    for name, function in chosen.items():
+        setattr(bulk, name, function)
+    try:
+        yield request.param
+    finally:
+        for name, function in saved.items():
+            setattr(bulk, name, function)

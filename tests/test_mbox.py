@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 
 from pop3d import limits, mbox
 
+# Every test here runs with the C byte loops and with the Python ones (conftest.bulk_impl).
+pytestmark = pytest.mark.usefixtures("bulk_impl")
+
 # ---------------------------------------------------------------------------------------------
 # The reference model: the product spec, one line at a time, obviously right and slow.
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d import wire
+
+# Every test here runs with the C byte loops and with the Python ones (conftest.bulk_impl).
+pytestmark = pytest.mark.usefixtures("bulk_impl")
 
 
 def reference_stuff(message: bytes) -> bytes:

@@ -1,0 +1,96 @@
+"""The C accelerator's byte loops give exactly what their Python versions give (pop3d.bulk)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pop3d import bulk
+
+try:
+    from pop3d import _speedups
+except ImportError:  # pragma: no cover - depends on the install
+    _speedups = None
+
+needs_c = pytest.mark.skipif(
+    _speedups is None and os.environ.get("POP3D_REQUIRE_SPEEDUPS") != "1",
+    reason="the C accelerator pop3d._speedups is not built (no C compiler at install)",
+)
+
+# Spools are made of these: separators with LF and CRLF, dots at line starts, quoted From lines.
+pieces = st.sampled_from(
+    [
+        b"\n",
+        b"\r",
+        b"\r\n",
+        b".",
+        b"..",
+        b"F",
+        b"From ",
+        b"\n\nFrom ",
+        b"\r\n\r\nFrom ",
+        b">From ",
+        b"x",
+        b"\x00",
+    ]
+)
+data = st.one_of(st.lists(pieces, max_size=60).map(b"".join), st.binary(max_size=300))
+
+
+def test_accelerator_is_built_where_required():
+    """CI builds the extension (scripts/test) and says so: a silent fallback there would hide it."""
+    if os.environ.get("POP3D_REQUIRE_SPEEDUPS") != "1":
+        pytest.skip("POP3D_REQUIRE_SPEEDUPS is not set (CI sets it)")
+    assert bulk.ACCELERATED
+    assert bulk.count_lf is _speedups.count_lf
+
+
+@needs_c
+@settings(max_examples=1500, deadline=None)
+@given(buf=data, a=st.integers(0, 320), b=st.integers(0, 320))
+def test_count_and_separators_agree(buf, a, b):
+    assert _speedups.count_lf(buf, a, b) == bulk.py_count_lf(buf, a, b)
+    start, end = min(a, b, len(buf)), min(max(a, b), len(buf))
+    assert _speedups.separators(buf, start, end) == bulk.py_separators(buf, start, end)
+
+
+@needs_c
+@settings(max_examples=1500, deadline=None)
+@given(buf=data)
+def test_transforms_agree(buf):
+    assert _speedups.to_crlf(buf) == bulk.py_to_crlf(buf)
+    assert _speedups.dot_stuff(buf) == bulk.py_dot_stuff(buf)
+
+
+@needs_c
+def test_long_buffers_and_every_word_offset():
+    """The counter works eight octets at a time in runs of 255 words: cross those edges."""
+    for n in (0, 7, 8, 9, 2039, 2040, 2041, 2048 * 3 + 5):
+        for lf_every in (1, 3, 8, 255):
+            buf = bytes(10 if i % lf_every == 0 else 65 + i % 7 for i in range(n))
+            for start in range(0, min(n, 9)):
+                assert _speedups.count_lf(buf, start, n) == buf.count(b"\n", start, n)
+    # High octets never count as LF (a carry or sign bug would).
+    assert _speedups.count_lf(bytes(range(256)) * 40, 0, 10240) == 40
+    assert _speedups.count_lf(b"\x8a" * 4096, 0, 4096) == 0
+
+
+@needs_c
+def test_bounds_are_clamped_and_buffers_accepted(tmp_path):
+    buf = b"x\n\nFrom a\n\nFrom b\n"
+    assert _speedups.count_lf(buf, -5, 10**9) == buf.count(b"\n")
+    assert _speedups.separators(buf, 5, 2) == []
+    assert _speedups.separators(buf, 0, 10**9) == [2, 10]
+    path = tmp_path / "m"
+    path.write_bytes(buf)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert _speedups.separators(m, 0, len(m)) == [2, 10]
+        assert _speedups.count_lf(m, 0, len(m)) == 5
+    assert _speedups.to_crlf(bytearray(b"a\nb")) == b"a\r\nb"
+    assert _speedups.dot_stuff(memoryview(b".\n.\n")) == b".\n..\n"
+    with pytest.raises(TypeError):
+        _speedups.to_crlf("text")
