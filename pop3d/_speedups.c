@@ -130,10 +130,12 @@ to_crlf(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*:to_crlf", &view))
         return NULL;
     const char *s = view.buf, *stop = s + view.len;
-    Py_ssize_t bare = 0;
-    for (const char *p = s; (p = memchr(p, '\n', (size_t)(stop - p))) != NULL; p++) {
-        if (p == s || p[-1] != '\r')
-            bare++;
+    Py_ssize_t bare = count_byte((const unsigned char *)s, view.len, '\n');
+    if (memchr(s, '\r', (size_t)view.len) != NULL) { /* rare: take out the LFs after a CR */
+        for (const char *p = s; (p = memchr(p, '\r', (size_t)(stop - p))) != NULL; p++) {
+            if (p + 1 < stop && p[1] == '\n')
+                bare--;
+        }
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + bare);
     if (out == NULL) {
