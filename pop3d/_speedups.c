@@ -206,11 +206,58 @@ dot_stuff(PyObject *module, PyObject *args)
     return out;
 }
 
+PyDoc_STRVAR(to_wire_doc,
+"to_wire(buffer, at_line_start) -> bytes\n\n"
+"dot_stuff(to_crlf(buffer)), plus a dot before a first octet '.' if at_line_start: message\n"
+"octets as RETR sends them, in one pass.");
+
+static PyObject *
+to_wire(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    int at_line_start;
+    if (!PyArg_ParseTuple(args, "y*p:to_wire", &view, &at_line_start))
+        return NULL;
+    const char *s = view.buf, *stop = s + view.len;
+    /* Each LF adds at most a CR and a dot: allocate for that, then shrink to what was written. */
+    Py_ssize_t lfs = count_byte((const unsigned char *)s, view.len, '\n');
+    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + 2 * lfs + 1);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    char *start = PyBytes_AS_STRING(out), *d = start;
+    const char *p = s;
+    if (at_line_start && p < stop && *p == '.')
+        *d++ = '.';
+    while (p < stop) {
+        const char *lf = memchr(p, '\n', (size_t)(stop - p));
+        if (lf == NULL) {
+            memcpy(d, p, (size_t)(stop - p));
+            d += stop - p;
+            break;
+        }
+        memcpy(d, p, (size_t)(lf - p));
+        d += lf - p;
+        if (lf == s || lf[-1] != '\r')
+            *d++ = '\r';
+        *d++ = '\n';
+        p = lf + 1;
+        if (p < stop && *p == '.')
+            *d++ = '.';
+    }
+    PyBuffer_Release(&view);
+    if (_PyBytes_Resize(&out, d - start) < 0)
+        return NULL;
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"count_lf", count_lf, METH_VARARGS, count_lf_doc},
     {"separators", separators, METH_VARARGS, separators_doc},
     {"to_crlf", to_crlf, METH_VARARGS, to_crlf_doc},
     {"dot_stuff", dot_stuff, METH_VARARGS, dot_stuff_doc},
+    {"to_wire", to_wire, METH_VARARGS, to_wire_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,5 @@
 """The byte loops a session spends its CPU in: counting lines, finding From_ separators, the
-LF -> CRLF conversion and dot-stuffing of RETR.
+LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass).
 
 Each is a bulk CPython bytes method below. When the optional C extension ``pop3d._speedups`` is
 built (``pip install`` builds it if a C compiler is there; without one, pop3d runs the same on
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | memoryview | mmap.mmap
 
-__all__ = ["ACCELERATED", "count_lf", "dot_stuff", "separators", "to_crlf"]
+__all__ = ["ACCELERATED", "count_lf", "dot_stuff", "separators", "to_crlf", "to_wire"]
 
 
 def py_count_lf(buf: bytes, start: int, end: int) -> int:
@@ -62,13 +62,22 @@ def py_dot_stuff(chunk: bytes) -> bytes:
     return chunk.replace(b"\n.", b"\n..")
 
 
+def py_to_wire(chunk: bytes, at_line_start: bool) -> bytes:
+    """dot_stuff(to_crlf(chunk)), and a dot before a first "." if chunk starts a line: RETR's octets."""
+    out = py_to_crlf(chunk).replace(b"\n.", b"\n..")
+    if at_line_start and out[:1] == b".":
+        out = b"." + out
+    return out
+
+
 count_lf = py_count_lf
 separators = py_separators
 to_crlf = py_to_crlf
 dot_stuff = py_dot_stuff
+to_wire = py_to_wire
 ACCELERATED = False
 try:
-    from pop3d._speedups import count_lf, dot_stuff, separators, to_crlf  # type: ignore[no-redef]
+    from pop3d._speedups import count_lf, dot_stuff, separators, to_crlf, to_wire  # type: ignore[no-redef]
 
     ACCELERATED = True
 except ImportError:  # not built (no C compiler at install time): the Python versions serve

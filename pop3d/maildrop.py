@@ -264,8 +264,9 @@ class Maildrop:
 
     # ----------------------------------------------------------------- session
 
-    def iter_message(self, index: int, body_lines: int | None = None) -> Iterator[bytes]:
-        """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing.
+    def iter_message(self, index: int, body_lines: int | None = None, wire: bool = False) -> Iterator[bytes]:
+        """Chunks of message `index` (0-based) as RETR/TOP send them before dot-stuffing (with
+        it if wire: see mbox.iter_message).
 
         Read with pread(2), not through the scan's mapping: should a program that ignores the
         locks truncate the spool meanwhile, a mapping would kill the session with SIGBUS (leaving
@@ -278,9 +279,9 @@ class Maildrop:
         reader = self._reader
         if reader is None:
             reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
-        return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt)  # type: ignore[arg-type]
+        return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
-    def message_bytes(self, index: int) -> bytes | None:
+    def message_bytes(self, index: int, wire: bool = False) -> bytes | None:
         """The whole small message at once (mbox.message_bytes: one pread), or None: use
         iter_message. MaildropTempError if the spool was truncated under us."""
         from . import mbox
@@ -288,7 +289,7 @@ class Maildrop:
         reader = self._reader
         if reader is None:
             reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
-        return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt)  # type: ignore[arg-type]
+        return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""

@@ -650,12 +650,14 @@ def iter_message(
     body_lines: int | None = None,
     fmt: str = "mboxo",
     release: bool = True,
+    wire: bool = False,
 ) -> Iterator[bytes]:
     """Stream message `index` in sent form, in chunks of at most limits.RETR_CHUNK octets.
 
     With body_lines (TOP): the header block up to and including the first empty line (the whole
     message if it has none), then at most body_lines more lines. The whole message yields exactly
-    listing.size(index) octets. No dot-stuffing (that is the wire's job). Arguments are checked
+    listing.size(index) octets. wire=True: dot-stuffed too (as RETR sends it, without the final
+    ".\\r\\n"; chunks then may exceed RETR_CHUNK by the dots). Arguments are checked
     now, not at the first next(). release=False leaves the pages read mapped (the caller releases
     many small messages at once: one madvise per message costs more than sending it).
     """
@@ -672,7 +674,7 @@ def iter_message(
             raise ValueError("body_lines must be >= 0")
         w = max(limits.MBOX_SCAN_WINDOW, 4)
         t = _skip_lines(buf, _header_end(buf, s, e, w, releaser), e, body_lines, w, releaser)
-    return _stream(buf, s, t, e, rd, chunk_size, releaser)
+    return _stream(buf, s, t, e, rd, chunk_size, releaser, wire)
 
 
 def _quoted_from(buf: Buffer, pos: int, t: int) -> bool:
@@ -694,9 +696,12 @@ def _quoted_from(buf: Buffer, pos: int, t: int) -> bool:
     return False
 
 
-def message_bytes(buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo") -> bytes | None:
+def message_bytes(
+    buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo", wire: bool = False
+) -> bytes | None:
     """The whole message `index` in sent form (b"".join(iter_message(...))) when it fits in one
     stream window and needs no regular expression (mboxo); else None: use iter_message.
+    wire=True: dot-stuffed too, like iter_message(wire=True).
 
     RETR of a small message in one call: the generators cost more than the copy.
     """
@@ -707,18 +712,26 @@ def message_bytes(buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo")
     window = max(limits.RETR_CHUNK, 1)
     if e - s > max(window - (window >> 3), 2) or listing.scanned_length > len(buf):
         return None
-    chunk = bulk.to_crlf(buf[s:e])
+    chunk = bulk.to_wire(buf[s:e], True) if wire else bulk.to_crlf(buf[s:e])
     if e > s and buf[e - 1] != 10:
         chunk += b"\r\n"  # a final line without LF
     return chunk
 
 
 def _stream(
-    buf: Buffer, s: int, t: int, e: int, rd: bool, chunk_size: int, release: Callable[[int, int], None] | None
+    buf: Buffer,
+    s: int,
+    t: int,
+    e: int,
+    rd: bool,
+    chunk_size: int,
+    release: Callable[[int, int], None] | None,
+    wire: bool = False,
 ) -> Iterator[bytes]:
-    """Sent form of content [s, t) of a message whose content ends at e."""
+    """Sent form (wire: dot-stuffed too) of content [s, t) of a message whose content ends at e."""
     rx_sub = None
-    to_crlf = bulk.to_crlf
+    to_crlf, to_wire = bulk.to_crlf, bulk.to_wire
+    at_line_start = True
     if rd:
         _, rx_sub, _ = _regexes()
     # Read windows leave room for LF -> CRLF growth, so one window is usually one chunk.
@@ -742,7 +755,12 @@ def _stream(
             chunk = buf[pos:lim]
             if rx_sub is not None and b">From " in chunk:
                 chunk = rx_sub.sub(rb"\n\1", chunk)
-            chunk = to_crlf(chunk)
+            if wire:
+                line_end = chunk[-1:] == b"\n"
+                chunk = to_wire(chunk, at_line_start)
+                at_line_start = line_end
+            else:
+                chunk = to_crlf(chunk)
             if release is not None:
                 release(pos - _MAP_MARGIN, lim - _MAP_MARGIN)
             pos = lim

@@ -265,6 +265,7 @@ class Session:
         if conn.secure:
             self.core.tls_active = True  # implicit TLS: the session is secure from its first byte
         self.maildrop = None
+        self._md = None  # the pop3d.maildrop module, once a retrieval needs its errors
         self.user: str | None = None
         self._out = bytearray()
         self._last_refresh = time.monotonic()
@@ -410,43 +411,42 @@ class Session:
         ".\r\n" always leaves in the same write as the message's end (a client delaying its ACKs
         would otherwise stall ~40 ms per message on our small last write)."""
         assert self.maildrop is not None
-        from pop3d import bulk
-        from pop3d import maildrop as md
+        md = self._md
+        if md is None:  # imported once, after login (not on the greeting's path)
+            from pop3d import maildrop as md
 
+            self._md = md
         if request.body_lines is None:
             try:
-                data = self.maildrop.message_bytes(request.index)
+                data = self.maildrop.message_bytes(request.index, wire=True)
             except md.MaildropTempError as e:  # as below: nothing of this reply may leave now
                 log.error(f"retrieval aborted: {e}")
                 self._out = bytearray()
                 raise SessionEnd("spool-changed") from None
             if data is not None:  # a small message: one read, one copy, no generators (same bytes)
                 out = self._out
-                if data:
-                    stuffed = bulk.dot_stuff(data)
-                    if stuffed[:1] == b".":
-                        out += b"."
-                    out += stuffed
-                out += wire.TERMINATOR  # data ends with CRLF: the terminator line follows
+                out += data  # dot-stuffed, ending with CRLF (or empty)
+                out += wire.TERMINATOR
                 self.core.retrieve_done()
                 return
-        stuffer = wire.DotStuffer()
         parts: list[bytes | bytearray] = [self._out] if self._out else []  # the "+OK" line
+        last = b"\n"
         held = len(self._out)
         try:
-            chunks = self.maildrop.iter_message(request.index, request.body_lines)
+            chunks = self.maildrop.iter_message(request.index, request.body_lines, wire=True)
             for chunk in chunks:
                 if held >= limits.OUTPUT_FLUSH:  # never the last piece: it goes with the terminator
                     self.conn.write_parts(parts)
                     parts, held = [], 0
                     self._refresh_lock(time.monotonic())
-                if chunk:
-                    piece = stuffer.stuff(chunk)
-                    parts.append(piece)
-                    held += len(piece)
+                if chunk:  # dot-stuffed already
+                    parts.append(chunk)
+                    held += len(chunk)
+                    last = chunk
                     if request.body_lines is not None:
-                        self.top_bytes += len(piece)
-            parts.append(stuffer.finish())
+                        self.top_bytes += len(chunk)
+            # The stream ends with CRLF unless it is empty (a message's last line gets one).
+            parts.append(wire.TERMINATOR if last[-1:] == b"\n" else wire.CRLF + wire.TERMINATOR)
             if held >= limits.OUTPUT_FLUSH:
                 self.conn.write_parts(parts)
                 parts = []

@@ -64,6 +64,8 @@ def test_count_and_separators_agree(buf, a, b):
 def test_transforms_agree(buf):
     assert _speedups.to_crlf(buf) == bulk.py_to_crlf(buf)
     assert _speedups.dot_stuff(buf) == bulk.py_dot_stuff(buf)
+    for at_line_start in (True, False):
+        assert _speedups.to_wire(buf, at_line_start) == bulk.py_to_wire(buf, at_line_start)
 
 
 @needs_c
