@@ -167,6 +167,8 @@ class Pop3Core:
         self._auth_failures = 0
         self._listing: Listing | None = None
         self._deleted: set[int] = set()
+        # A LIST/UIDL of all messages still being written: (line format, value of, next index).
+        self._listing_rest: tuple[bytes, Callable[[int], object], int] | None = None
         self.stats = {"retr": 0, "retr_bytes": 0, "top": 0, "commands": 0}
         self._tables: dict[str, dict[bytes, Callable[[list[bytes], bytes], object]]] = {
             AUTHORIZATION: {
@@ -222,6 +224,8 @@ class Pop3Core:
                 return self._closing
             if self._awaiting is not None:
                 return None
+            if self._listing_rest is not None:
+                self._continue_listing()
             if len(self._out) >= limits.OUTPUT_FLUSH:
                 return None  # let the driver send this first: a pipeline must not grow memory
             line = self._reader.next_line()
@@ -535,20 +539,31 @@ class Pop3Core:
             if index is not None:
                 self._out += wire.ok(fmt % (index + 1, value(index)))
             return
-        assert self._listing is not None
-        # Built a block of lines at a time: no list of 100,000 line objects for a big maildrop.
+        self._out += wire.ok()
+        self._listing_rest = (fmt + wire.CRLF, value, 0)
+        self._continue_listing()
+
+    def _continue_listing(self) -> None:
+        """Write the pending listing a block of lines at a time until the output buffer is full
+        (next_request resumes it once the driver has sent that): memory stays flat whatever the
+        number of messages, and no list of 100,000 line objects is built."""
+        assert self._listing_rest is not None and self._listing is not None
+        fmt, value, lo = self._listing_rest
         out = self._out
-        out += wire.ok()
         deleted = self._deleted
-        fmt += wire.CRLF
         count = self._listing.count
-        for lo in range(0, count, 4096):
-            block = range(lo, min(lo + 4096, count))
+        while lo < count:
+            if len(out) >= limits.OUTPUT_FLUSH:
+                self._listing_rest = (fmt, value, lo)
+                return
+            block = range(lo, min(lo + 1024, count))
             if deleted:
                 out += b"".join([fmt % (i + 1, value(i)) for i in block if i not in deleted])
             else:
                 out += b"".join([fmt % (i + 1, value(i)) for i in block])
+            lo = block.stop
         out += wire.TERMINATOR
+        self._listing_rest = None
 
     def _cmd_retr(self, args: list[bytes], rest: bytes) -> Retrieve | None:
         if len(args) != 1:

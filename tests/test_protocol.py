@@ -517,3 +517,35 @@ def test_any_chunking_gives_the_same_transcript(script: list[bytes], cut: int) -
         exchange(pieces, data[i : i + cut]) for i in range(0, len(data), cut)
     )
     assert got == expected
+
+
+def test_a_huge_listing_leaves_in_bounded_pieces():
+    """LIST/UIDL of 100,000 messages: the core hands the lines over a buffer at a time (flat
+    memory), the bytes are exactly the whole listing, and a command pipelined behind it waits."""
+    sizes = [1000 + i % 977 for i in range(100_000)]
+    core = Pop3Core()
+    core.receive_data(b"USER u\r\nPASS secret\r\n")
+    assert isinstance(core.next_request(), Authenticate)
+    core.auth_succeeded(FakeListing(sizes))
+    core.data_to_send()
+    deleted = {5, 99_999}
+    core.receive_data(b"".join(b"DELE %d\r\n" % (i + 1) for i in sorted(deleted)))
+    assert core.next_request() is None
+    core.data_to_send()
+    core.receive_data(b"LIST\r\nUIDL\r\nNOOP\r\n")
+    pieces = []
+    while True:
+        request = core.next_request()
+        assert request is None
+        piece = core.data_to_send()
+        if not piece:
+            break
+        pieces.append(bytes(piece))
+    longest_line = max(len(b"%d uid-%d\r\n" % (i + 1, i * 7)) for i in range(len(sizes)))
+    assert max(map(len, pieces)) < limits.OUTPUT_FLUSH + 1024 * longest_line + 100
+    assert len(pieces) > 4
+    out = b"".join(pieces)
+    kept = [i for i in range(len(sizes)) if i not in deleted]
+    expected_list = b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, sizes[i]) for i in kept) + b".\r\n"
+    expected_uidl = b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i + 1, i * 7) for i in kept) + b".\r\n"
+    assert out == expected_list + expected_uidl + b"+OK\r\n"
