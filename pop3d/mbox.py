@@ -25,7 +25,8 @@ the first of two such twins renames the second (it becomes the first). SHA-256 i
 is the fastest hashlib digest on CPUs with SHA extensions; its strength is not relied on. Changing
 the digest, its length or the cap renames every UID, so they are fixed for good.
 
-Memory: the listing is a few arrays (37 octets per message), never an object per message. The
+Memory: the listing is a few arrays (29 octets per message in a spool under 2 GiB: offsets and
+sizes are 4-octet integers while they fit; 41 beyond), never an object per message. The
 scanner and the streams read ``mmap`` buffers window by window and release the pages behind them
 (``MADV_DONTNEED``), so RSS stays flat however large the spool or message: pass a read-only
 (``ACCESS_READ``) mapping, never a private copy-on-write one with modifications.
@@ -406,7 +407,7 @@ def _scan_parallel(buf: Buffer, split: int, n: int, rd: bool) -> _Parts:
         os.close(rfd)
         if pid > 0:
             _reap(pid)
-    views = _unpack(data) if pid > 0 else None
+    views = _unpack(data, len(buf)) if pid > 0 else None
     if views is None:
         return _join(first, _scan_range(buf, split, n, rd), split)
     return _join(first, views, split)
@@ -423,7 +424,7 @@ def _reap(pid: int) -> None:
             continue
 
 
-def _unpack(data: bytes | bytearray) -> list[memoryview] | None:
+def _unpack(data: bytes | bytearray, length: int) -> list[memoryview] | None:
     """Views of the child's five arrays in `data` (no copies), or None if it is not whole."""
     import struct
 
@@ -431,7 +432,9 @@ def _unpack(data: bytes | bytearray) -> list[memoryview] | None:
         return None
     lengths = struct.unpack_from("<5Q", data)
     count = lengths[3]
-    if 40 + sum(lengths) != len(data) or lengths != (8 * count, 8 * count, 8 * count, count, lengths[4]):
+    offset_size, size_size = (array(code).itemsize for code in _typecodes(length))
+    expected = (offset_size * count, offset_size * count, size_size * count, count, lengths[4])
+    if 40 + sum(lengths) != len(data) or lengths != expected:
         return None
     if lengths[4] != _DIGEST_STRIDE * count:
         return None
@@ -459,6 +462,12 @@ def _join(first: _Parts, second: _Parts | list[memoryview], split: int) -> _Part
     return starts, ends, sizes, seplen, digests
 
 
+def _typecodes(length: int) -> tuple[str, str]:
+    """Array typecodes of offsets and of sizes in a spool of `length` octets: 4-octet unsigned
+    ints while they fit (a sent size is at most twice its octets, plus a final CRLF)."""
+    return ("I" if length < 1 << 32 else "Q"), ("I" if 2 * length + 2 < 1 << 32 else "Q")
+
+
 def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     """Scan [start, n): start is a From_ line, n the end of the data or of a message's separator."""
     import hashlib
@@ -470,9 +479,10 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     sha256 = hashlib.sha256
     count_lf, separators = bulk.count_lf, bulk.separators
     release = _releaser(buf)
-    starts = array("Q")
-    ends = array("Q")
-    sizes = array("Q")
+    offset_code, size_code = _typecodes(len(buf))
+    starts = array(offset_code)
+    ends = array(offset_code)
+    sizes = array(size_code)
     seplen = bytearray()
     digests = bytearray()
 
