@@ -667,7 +667,7 @@ def iter_message(
     With body_lines (TOP): the header block up to and including the first empty line (the whole
     message if it has none), then at most body_lines more lines. The whole message yields exactly
     listing.size(index) octets. wire=True: dot-stuffed too (as RETR sends it, without the final
-    ".\\r\\n"; chunks then may exceed RETR_CHUNK by the dots). Arguments are checked
+    ".\\r\\n"). Arguments are checked
     now, not at the first next(). release=False leaves the pages read mapped (the caller releases
     many small messages at once: one madvise per message costs more than sending it).
     """

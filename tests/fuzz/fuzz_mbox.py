@@ -14,7 +14,9 @@ whether to go through a real file mapping), then the spool. `check(data)` fails 
   read-only file mapping, nor on scanning in two halves (the forked helper big spools get);
   UIDs are unique, 1..70 printable octets;
 * streaming through a file mapping and through maildrop's pread(2) reader (what RETR and TOP use)
-  gives the same octets as streaming from bytes.
+  gives the same octets as streaming from bytes, and the wire form (dot-stuffed, what the session
+  sends) is the sent form with a dot doubled at every line start;
+* with the C accelerator built, its byte loops and the Python ones give the same listing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from pop3d import limits, maildrop, mbox
+        from pop3d import bulk, limits, maildrop, mbox
 else:
-    from pop3d import limits, maildrop, mbox
+    from pop3d import bulk, limits, maildrop, mbox
 
 _WINDOWS = (4, 5, 6, 7, 8, 9, 13, 16, 31, 64, 100, 4096)
 _CHUNKS = (2, 3, 4, 7, 8, 64, 1000, 5)  # >= 2: the final CRLF of a message is one chunk
@@ -134,13 +136,41 @@ def _summary(listing: mbox.Listing) -> list[tuple[int, int, int, bytes, int]]:
     ]
 
 
+def _python_summary(spool: bytes, fmt: str, window: int, cap: int) -> list[tuple[int, int, int, bytes, int]]:
+    """The listing computed with bulk's Python loops instead of the C accelerator's."""
+    names = [name for name in bulk.__all__ if name != "ACCELERATED"]
+    saved = {name: getattr(bulk, name) for name in names}
+    for name in names:
+        setattr(bulk, name, getattr(bulk, "py_" + name))
+    try:
+        return _summary(_scan(spool, fmt, window, cap))
+    finally:
+        for name, function in saved.items():
+            setattr(bulk, name, function)
+
+
+_LINE_START_DOT = re.compile(rb"(^|\n)\.")
+
+
+def _stuffed(sent: bytes) -> bytes:
+    """RFC 1939 byte-stuffing of a sent form: a dot starting a line is doubled."""
+    return _LINE_START_DOT.sub(rb"\1..", sent)
+
+
 def _stream(
-    buf: object, listing: mbox.Listing, i: int, lines: int | None, fmt: str, chunk: int, window: int
+    buf: object,
+    listing: mbox.Listing,
+    i: int,
+    lines: int | None,
+    fmt: str,
+    chunk: int,
+    window: int,
+    wire: bool = False,
 ) -> bytes:
     saved = limits.RETR_CHUNK, limits.MBOX_SCAN_WINDOW
     limits.RETR_CHUNK, limits.MBOX_SCAN_WINDOW = chunk, window
     try:
-        parts = list(mbox.iter_message(buf, listing, i, lines, fmt))  # type: ignore[arg-type]
+        parts = list(mbox.iter_message(buf, listing, i, lines, fmt, wire=wire))  # type: ignore[arg-type]
     finally:
         limits.RETR_CHUNK, limits.MBOX_SCAN_WINDOW = saved
     if any(len(p) > max(chunk, 1) or not p for p in parts):
@@ -178,6 +208,8 @@ def check(data: bytes) -> None:
         raise AssertionError(f"the listing depends on the scan window ({window})")
     if c1 & 0x80 and _summary(_scan(spool, fmt, window, cap, parallel=True)) != summary:
         raise AssertionError("the two-halves scan gives another listing")
+    if bulk.ACCELERATED and _python_summary(spool, fmt, window, cap) != summary:
+        raise AssertionError("the C accelerator and the Python loops give other listings")
     uids = [u for *_, u, _ in summary]
     if len(set(uids)) != len(uids):
         raise AssertionError(f"duplicate UIDs {uids}")
@@ -206,6 +238,9 @@ def check(data: bytes) -> None:
                     raise AssertionError(f"RETR {i}: {whole!r} != {sent_form(content, rd)!r}")
                 if len(whole) != listing.size(i):
                     raise AssertionError(f"RETR {i}: {len(whole)} octets, listed {listing.size(i)}")
+                on_wire = _stream(buf, listing, i, None, fmt, chunk, window, wire=True)
+                if on_wire != _stuffed(whole):
+                    raise AssertionError(f"RETR {i} on the wire: {on_wire!r} != {_stuffed(whole)!r}")
                 cut = _stream(buf, listing, i, top, fmt, chunk, window)
                 expected = sent_form(top_content(content, top), rd)
                 if cut != expected:
