@@ -253,9 +253,9 @@ class _Monitor:
         session = Session(self.config, conn, self.peer)
         session.core.resume(request.user, request.pending, request.commands)
         session.open_maildrop(account)  # signals held off until the maildrop is the session's
-        if reap:
-            self._stop(None)
-        session.run()
+        # From here a stop signal must go through the session's own ending (no update, every
+        # lock released): the reap runs inside it.
+        session.run(before=(lambda: self._stop(None)) if reap else None)
         return 0
 
 

@@ -293,10 +293,15 @@ class Session:
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self) -> None:
-        """Serve until the core closes, the client vanishes, or a timer or a signal ends it."""
+    def run(self, before: Callable[[], None] | None = None) -> None:
+        """Serve until the core closes, the client vanishes, or a timer or a signal ends it.
+
+        `before` runs first, under the same ending: a signal during it releases the maildrop.
+        """
         core = self.core
         try:
+            if before is not None:
+                before()
             self._loop()
         except SessionEnd as e:
             self.end_reason = e.reason
