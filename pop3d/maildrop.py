@@ -27,14 +27,16 @@ if TYPE_CHECKING:
 JOURNAL_SUFFIX = ".pop3d-journal"
 STOP_AFTER_ENV = "POP3D_TEST_UPDATE_STOP_AFTER"
 
-_JOURNAL_MAGIC = b"pop3d journal v1"  # 16 bytes
-# magic, spool inode, P, N, S, J, m, nonce, sha256 of the new tail, number of extents
-_JOURNAL_HEADER = "<16sQQQQQQ16s32sQ"
+_JOURNAL_MAGIC = b"pop3d journal v2"  # 16 bytes
+# magic, spool inode, P, N, S, J, m, nonce, CRC-32 of the new tail, number of extents
+_JOURNAL_HEADER = "<16sQQQQQQ16sQQ"
 _NONCE_LEN = 16
 _ALIGN = 4096
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
 # The update check reads From_ lines through the mapping and releases them every 2 x this.
 _RELEASE_BATCH = 1024 * 1024
+# The update starts the writeback of what it wrote every this many bytes (see _start_writeback).
+_WRITEBACK_BATCH = 8 * 1024 * 1024
 
 
 class MaildropError(Exception):
@@ -355,25 +357,48 @@ class Maildrop:
             )
         order = sorted(deleted)
         first = order[0]
-        size = self._check_unchanged(first)
-        length = self._length
+        P = listing.from_offset(first)
         # Kept raw byte ranges after the first deleted message: the runs between deleted ones
         # (never adjacent: a deleted message lies between two runs). O(deleted), not O(messages).
+        # `boundaries`: the From_ line opening each run of deleted messages, checked now;
+        # `kept`: the From_ lines of the kept messages after P, checked by the update while it
+        # reads them anyway (journal pass), so they cost no page faults here.
         extents: list[list[int]] = []
+        boundaries = [P]
+        kept = None
         for index, after in zip(order, [*order[1:], count], strict=True):
             if after > index + 1:
+                if kept is None:
+                    offsets = listing.from_offsets(first)
+                    kept = offsets[:0]
                 start = listing.from_offset(index + 1)
                 extents.append([start, listing.from_offset(after) - start])
+                kept.extend(offsets[index + 1 - first : after - first])
+                if after < count:
+                    boundaries.append(listing.from_offset(after))
+        size = self._check_unchanged(boundaries)
+        length = self._length
         if size > length:  # appended after the scan by a writer that ignored our locks
             self._log(f"{self.path}: {size - length} bytes appended since login; kept")
             if extents and extents[-1][0] + extents[-1][1] == length:
                 extents[-1][1] += size - length
             else:
                 extents.append([length, size - length])
-        _update(fd, self.path, listing.from_offset(first), [(s, n) for s, n in extents], size, self._log)
+        try:
+            _update(fd, self.path, P, [(s, n) for s, n in extents], size, self._log, kept or ())
+        except _ChangedError as e:
+            raise MaildropTempError(
+                f"{self.path}: rewritten since login (a program ignoring the locks?): {e}; "
+                "update aborted, nothing written"
+            ) from None
 
-    def _check_unchanged(self, first: int) -> int:
-        """The spool's current size, after proving (cheaply) nobody rewrote what we scanned."""
+    def _check_unchanged(self, boundaries: Sequence[int]) -> int:
+        """The spool's current size, after proving (cheaply) nobody rewrote what we scanned.
+
+        `boundaries` are From_ line offsets (ascending) checked here, through the mapping; the
+        update checks the kept ones it reads. The From_ lines inside a run of deleted messages
+        are not checked: those bytes go, whatever they are now.
+        """
         fd = self._fd
         assert fd is not None
         path = self.path
@@ -396,7 +421,7 @@ class Maildrop:
         )
         # Through the mapping (a page fault maps 16 pages: cheaper than a pread per message),
         # released every 2 MiB so the spool does not come back into RSS just before the update.
-        offsets = self.listing.from_offsets(first) if not changed else []
+        offsets = list(boundaries) if not changed else []
         if offsets and offsets[0] == 0:
             changed = buf[:5] != b"From "
             offsets = offsets[1:]
@@ -413,7 +438,7 @@ class Maildrop:
         if offsets:
             from . import mbox
 
-            mbox.release_pages(buf, released, offsets[-1])
+            mbox.release_pages(buf, released, offsets[-1] + 6)
         if changed:
             raise MaildropTempError(
                 f"{path}: rewritten since login (a program ignoring the locks?); "
@@ -508,6 +533,12 @@ class _PreadBuffer:
 
 # ------------------------------------------------------------------ the update engine
 
+# A run, (fd, offset, length), is a stretch of bytes of the spool or of the journal.
+
+
+class _ChangedError(Exception):
+    """A kept From_ line is no longer where the scan found it (nothing was written yet)."""
+
 
 def _step(number: int) -> None:
     """Test hook: stop dead (like SIGKILL) right after step `number` of the update."""
@@ -523,17 +554,96 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def _read_runs(fd: int, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
-    """The bytes of (offset, length) runs of `fd`, in chunks; EIO if the file is shorter."""
-    chunk = limits.UPDATE_CHUNK
-    for offset, length in runs:
+def _chunks(
+    runs: Iterable[tuple[int, int, int]], buf: bytearray, tap: Callable[[int, int, int], None] | None = None
+) -> Iterator[memoryview]:
+    """The runs' bytes in order, gathered into `buf` and yielded one buffer-full at a time.
+
+    One buffer, reused: preadv(2) fills it in place, so no bytes object is allocated per chunk
+    and small runs (many short kept extents) still leave in large writes. A view is valid
+    until the next step. `tap(offset, at, length)` sees each piece as it lands in `buf[at:]`.
+    EIO (_ShortReadError) if a file is shorter than a run.
+    """
+    view = memoryview(buf)
+    size = len(buf)
+    fill = 0
+    for fd, offset, length in runs:
         while length:
-            data = os.pread(fd, min(chunk, length), offset)
-            if not data:
-                raise _ShortReadError(errno.EIO, "file shorter than the update expects")
-            yield data
-            offset += len(data)
-            length -= len(data)
+            k = min(size - fill, length)
+            got = 0
+            while got < k:
+                n = os.preadv(fd, [view[fill + got : fill + k]], offset + got)
+                if n <= 0:
+                    raise _ShortReadError(errno.EIO, "file shorter than the update expects")
+                got += n
+            if tap is not None:
+                tap(offset, fill, k)
+            fill += k
+            offset += k
+            length -= k
+            if fill == size:
+                yield view
+                fill = 0
+    if fill:
+        yield view[:fill]
+
+
+def _from_checker(
+    fd: int, buf: bytearray, offsets: Sequence[int]
+) -> tuple[Callable[[int, int, int], None], Callable[[], None]]:
+    """A `_chunks` tap, and its final call: each of `offsets` (ascending, all inside the runs
+    read) must still hold a From_ line after a LF, else _ChangedError. The bytes are already
+    in `buf`; a window cut by a piece's edge (an extent's first message: its LF belongs to the
+    deleted message before it) is read apart."""
+    state = [0]
+    count = len(offsets)
+
+    def tap(offset: int, at: int, length: int) -> None:
+        i = state[0]
+        end = offset + length
+        while i < count and offsets[i] < end:
+            k = offsets[i]
+            if k < offset:
+                raise _ChangedError(f"From_ line at {k} outside the moved bytes")
+            if k > offset and k + 5 <= end:
+                ok = buf.startswith(b"\nFrom ", at + k - offset - 1)
+            else:
+                ok = os.pread(fd, 6, k - 1) == b"\nFrom "
+            if not ok:
+                raise _ChangedError(f"no From_ line at offset {k} any more")
+            i += 1
+        state[0] = i
+
+    def finish() -> None:
+        if state[0] != count:
+            raise _ChangedError(f"From_ line at {offsets[state[0]]} outside the moved bytes")
+
+    return tap, finish
+
+
+def _crc(runs: Iterable[tuple[int, int, int]]) -> int:
+    """CRC-32 of the runs' bytes (binascii: zlib's CRC, already imported before the privilege drop)."""
+    import binascii
+
+    crc = 0
+    for chunk in _chunks(runs, bytearray(limits.UPDATE_CHUNK)):
+        crc = binascii.crc32(chunk, crc)
+    return crc
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing dirty pages to disk now, without waiting: the next fsync finds less to do.
+
+    POSIX_FADV_DONTNEED starts the writeback of the range's dirty pages on Linux (and drops
+    only pages that are already clean: none of those just written). Only a hint: durability
+    still comes from fsync/fdatasync alone.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        try:
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
 
 def _skip_runs(extents: Sequence[tuple[int, int]], skip: int) -> Iterator[tuple[int, int]]:
@@ -566,54 +676,23 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-def _head_runs(extents: Sequence[tuple[int, int]], length: int) -> Iterator[tuple[int, int]]:
-    """The extents' runs covering their first `length` bytes."""
-    for source, size in extents:
-        if length <= 0:
-            return
-        yield source, min(size, length)
-        length -= size
+def _close_quiet(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
-def _digest_behind(fd: int, extents: Sequence[tuple[int, int]]) -> Callable[[], bytes]:
-    """SHA-256 of the extents' bytes, computed in a thread; call the result to wait for it.
-
-    `_thread` is built into the interpreter: nothing to import after the privilege drop. An
-    error in the thread (a short read) is raised by the call.
-    """
+def _close_behind(fd: int) -> None:
+    """Close an unlinked journal in a helper thread: its last close frees its page cache
+    (about 40 ms per 256 MiB here), and nothing needs to wait for that, not even QUIT's reply.
+    `_thread` is built into the interpreter: nothing to import after the privilege drop."""
     import _thread
 
-    outcome: list[object] = []
-    finished = _thread.allocate_lock()
-    finished.acquire()
-
-    def work() -> None:
-        try:
-            outcome.append(_digest(_read_runs(fd, extents)))
-        except BaseException as e:
-            outcome.append(e)
-        finally:
-            finished.release()
-
-    _thread.start_new_thread(work, ())
-
-    def wait() -> bytes:
-        with finished:
-            pass
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]  # type: ignore[return-value]
-
-    return wait
-
-
-def _digest(chunks: Iterable[bytes]) -> bytes:
-    import hashlib
-
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(chunk)
-    return h.digest()
+    try:
+        _thread.start_new_thread(_close_quiet, (fd,))
+    except RuntimeError:
+        os.close(fd)
 
 
 class _Journal:
@@ -621,15 +700,15 @@ class _Journal:
 
     The first J bytes of the tail are stored in the journal at `data_off` (their sources lie
     where the new tail or the mark will be written); the rest is read from the spool at sources
-    >= N + m, which nothing touches until the truncate.
+    >= N + m, which nothing touches until the truncate. `crc` is the CRC-32 of the whole tail.
     """
 
-    __slots__ = ("J", "N", "P", "S", "data_off", "digest", "extents", "ino", "m", "nonce")
+    __slots__ = ("J", "N", "P", "S", "crc", "data_off", "extents", "ino", "m", "nonce")
 
     def __init__(self, ino: int, P: int, N: int, S: int, J: int, m: int, nonce: bytes,
-                 digest: bytes, extents: Sequence[tuple[int, int]], data_off: int) -> None:  # fmt: skip
+                 crc: int, extents: Sequence[tuple[int, int]], data_off: int) -> None:  # fmt: skip
         self.ino, self.P, self.N, self.S, self.J, self.m = ino, P, N, S, J, m
-        self.nonce, self.digest, self.extents, self.data_off = nonce, digest, extents, data_off
+        self.nonce, self.crc, self.extents, self.data_off = nonce, crc, extents, data_off
 
     def mark(self) -> bytes:
         return self.nonce[: self.m]
@@ -642,7 +721,7 @@ class _Journal:
 
         head = struct.pack(
             _JOURNAL_HEADER, _JOURNAL_MAGIC, self.ino, self.P, self.N, self.S, self.J, self.m,
-            self.nonce, self.digest, len(self.extents),
+            self.nonce, self.crc, len(self.extents),
         )  # fmt: skip
         flat = array.array("Q", [v for extent in self.extents for v in extent])
         if sys.byteorder != "little":
@@ -669,7 +748,7 @@ class _Journal:
         head = os.pread(jfd, fixed, 0)
         if len(head) != fixed or head[:16] != _JOURNAL_MAGIC:
             raise _UnusableJournalError("not a pop3d journal (bad magic or too short)")
-        _, ino, P, N, S, J, m, nonce, digest, count = struct.unpack(_JOURNAL_HEADER, head)
+        _, ino, P, N, S, J, m, nonce, crc, count = struct.unpack(_JOURNAL_HEADER, head)
         if count > size // 16:
             raise _UnusableJournalError("corrupt header (extent count)")
         raw = os.pread(jfd, 16 * count + 32, fixed)
@@ -690,20 +769,45 @@ class _Journal:
         if not (P + total == N < S and 1 <= m <= min(_NONCE_LEN, S - N) and total >= J
                 and previous <= S and data_off + J <= size):  # fmt: skip
             raise _UnusableJournalError("corrupt header (layout)")
-        return cls(ino, P, N, S, J, m, nonce, digest, extents, data_off)
+        return cls(ino, P, N, S, J, m, nonce, crc, extents, data_off)
 
-    def tail(self, fd: int, jfd: int) -> Iterator[bytes]:
-        """The new tail, in order: stored bytes from the journal, then the rest from the spool."""
-        yield from _read_runs(jfd, [(self.data_off, self.J)])
-        yield from _read_runs(fd, _skip_runs(self.extents, self.J))
+    def stored(self, fd: int, jfd: int) -> list[tuple[int, int, int]]:
+        """The new tail's sources after a crash: the stored bytes, then the spool from N + m on."""
+        return [(jfd, self.data_off, self.J), *((fd, s, n) for s, n in _skip_runs(self.extents, self.J))]
+
+    def live(self, fd: int, jfd: int) -> Iterator[tuple[int, int, int]]:
+        """The new tail's sources while the update that wrote the journal still runs.
+
+        A forward copy is a memmove: the source of each tail byte lies above its target, so
+        every byte is read before the move overwrites it, and the spool serves it straight from
+        the page cache. Only the sources under the mark, [N, N + m), come from the journal.
+        """
+        lo, hi = self.N, self.N + self.m
+        t = 0
+        for source, length in self.extents:
+            end = source + length
+            for a, b in ((source, min(end, lo)), (max(source, lo), min(end, hi)), (max(source, hi), end)):
+                if a < b and a >= lo and b <= hi:  # under the mark: from the journal
+                    yield jfd, self.data_off + t + a - source, b - a
+                elif a < b:
+                    yield fd, a, b - a
+            t += length
 
 
 def _update(
-    fd: int, path: str, P: int, extents: list[tuple[int, int]], S: int, log: Callable[[str], None]
+    fd: int,
+    path: str,
+    P: int,
+    extents: list[tuple[int, int]],
+    S: int,
+    log: Callable[[str], None],
+    checks: Sequence[int] = (),
 ) -> None:
     """Make the spool spool[0:P] + the extents' bytes, in place and crash-safe.
 
     `S` is the spool's current size; every extent lies in [P, S), in ascending order.
+    `checks`: From_ line offsets inside the extents to verify while reading them (before the
+    commit point): _ChangedError, and nothing happened, if one moved.
     """
     T = sum(length for _, length in extents)
     N = P + T
@@ -723,9 +827,7 @@ def _update(
         if source >= N + m:
             break
         J += min(length, N + m - source)
-    journal = _Journal(
-        os.fstat(fd).st_ino, P, N, S, J, m, b"\0" + os.urandom(_NONCE_LEN - 1), b"", extents, 0
-    )
+    journal = _Journal(os.fstat(fd).st_ino, P, N, S, J, m, b"\0" + os.urandom(_NONCE_LEN - 1), 0, extents, 0)
     journal.data_off = -(-_Journal.header_length(len(extents)) // _ALIGN) * _ALIGN
     need = journal.data_off + J
     jpath = path + JOURNAL_SUFFIX
@@ -738,7 +840,7 @@ def _update(
         jfd = os.open(tpath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise MaildropTempError(f"{path}: update aborted, nothing deleted: {_why(e)}") from e
-    committed = False
+    committed = done = False
     try:
         try:
             try:
@@ -747,14 +849,7 @@ def _update(
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 # No reservation on this file system: a write failing below still aborts cleanly.
-            # The digest of the whole new tail is computed by a helper thread while this one
-            # copies the first J bytes into the journal (hashlib and pread/pwrite release the GIL).
-            digest = _digest_behind(fd, extents)
-            done = 0
-            for data in _read_runs(fd, _head_runs(extents, J)):
-                _pwrite_all(jfd, data, journal.data_off + done)
-                done += len(data)
-            journal.digest = digest()
+            journal.crc = _journal_pass(fd, jfd, journal, checks)
             _pwrite_all(jfd, journal.pack_header(), 0)
             _step(1)
             os.fsync(jfd)
@@ -763,20 +858,50 @@ def _update(
             committed = True
             _fsync_dir(path)
             _step(3)
-        except OSError as e:
+        except (OSError, _ChangedError) as e:
             # The spool has not been touched: drop the journal; nothing happened. (Should that
             # unlink fail too, the next open rolls the untouched spool forward: also consistent.)
             _unlink_quiet(jpath if committed else tpath)
+            if isinstance(e, _ChangedError):
+                raise
             raise MaildropTempError(f"{path}: update aborted, nothing deleted: {_why(e)}") from e
         try:
             _apply(fd, jfd, journal, path, log, recovering=False)
+            done = True
         except OSError as e:
             raise MaildropTempError(
                 f"{path}: update interrupted ({_why(e)}); journal {jpath} kept, "
                 "the next open of the maildrop completes it"
             ) from e
     finally:
-        os.close(jfd)
+        if done:
+            _close_behind(jfd)
+        else:
+            os.close(jfd)
+
+
+def _journal_pass(fd: int, jfd: int, journal: _Journal, checks: Sequence[int]) -> int:
+    """Step 1's one read of the tail: CRC-32 of all of it, the first J bytes copied into the
+    journal (writeback started as it goes, so the fsync at the commit point finds little left),
+    and the kept From_ lines checked. Returns the CRC."""
+    import binascii
+
+    J = journal.J
+    base = journal.data_off
+    crc = done = flushed = 0
+    buf = bytearray(limits.UPDATE_CHUNK)
+    tap, finish = _from_checker(fd, buf, checks)
+    for chunk in _chunks([(fd, s, n) for s, n in journal.extents], buf, tap):
+        crc = binascii.crc32(chunk, crc)
+        if done < J:
+            part = chunk[: J - done]
+            _pwrite_all(jfd, part, base + done)
+            if done + len(part) - flushed >= _WRITEBACK_BATCH:
+                _start_writeback(jfd, base + flushed, done + len(part) - flushed)
+                flushed = done + len(part)
+        done += len(chunk)
+    finish()
+    return crc
 
 
 def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None], recovering: bool) -> str:
@@ -788,14 +913,14 @@ def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None]
     size = os.fstat(fd).st_size
     marked = size >= j.N + j.m and os.pread(fd, j.m, j.N) == j.mark()
     if recovering:
-        if not marked and size >= j.N and _digest(_read_runs(fd, [(j.P, j.N - j.P)])) == j.digest:
+        if not marked and size >= j.N and _crc([(fd, j.P, j.N - j.P)]) == j.crc:
             # Truncated already (whatever follows N was appended afterwards), or never needed.
             os.fsync(fd)
             os.unlink(path + JOURNAL_SUFFIX)
             _fsync_dir(path)
             return "it had already been completed"
         try:
-            whole = _digest(j.tail(fd, jfd)) == j.digest
+            whole = _crc(j.stored(fd, jfd)) == j.crc
         except _ShortReadError:
             whole = False
         if not whole:
@@ -804,12 +929,16 @@ def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None]
         _pwrite_all(fd, j.mark(), j.N)
         os.fdatasync(fd)
     _step(4)
-    offset = j.P
-    for data in j.tail(fd, jfd):
-        _pwrite_all(fd, data, offset)
+    offset = flushed = j.P
+    sources = j.stored(fd, jfd) if recovering else j.live(fd, jfd)
+    for chunk in _chunks(sources, bytearray(limits.UPDATE_CHUNK)):
+        _pwrite_all(fd, chunk, offset)
         if offset == j.P:
             _step(5)
-        offset += len(data)
+        offset += len(chunk)
+        if offset - flushed >= _WRITEBACK_BATCH:
+            _start_writeback(fd, flushed, offset - flushed)
+            flushed = offset
     os.fdatasync(fd)
     _step(6)
     size = os.fstat(fd).st_size

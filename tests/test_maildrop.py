@@ -346,6 +346,31 @@ def test_spool_rewritten_in_place_aborts_without_writing(small: tuple[Path, list
     assert path.read_bytes() == changed
 
 
+@pytest.mark.parametrize(
+    "deleted, moved",
+    [
+        (set(range(6)), 11),  # a kept message the move only references (not journalled)
+        ({0}, 11),  # the last kept message, read by the journal pass
+        ({9, 10, 11}, 9),  # truncate only: the From_ line the spool is cut at
+    ],
+)
+def test_moved_from_line_aborts_without_writing(
+    small: tuple[Path, list[bytes]], deleted: set[int], moved: int
+) -> None:
+    """The From_ lines an update relies on are checked before anything is written."""
+    path, messages = small
+    md = Maildrop.open(str(path))
+    offset = sum(len(m) for m in messages[:moved])
+    with open(path, "r+b") as f:  # same size, the From_ line is gone: the scan no longer holds
+        f.seek(offset)
+        f.write(b"X")
+    changed = path.read_bytes()
+    with pytest.raises(MaildropTempError, match="rewritten"):
+        md.commit(frozenset(deleted))
+    assert path.read_bytes() == changed
+    assert names(path.parent) == {"alice"}  # the temporary journal is gone too
+
+
 def test_spool_replaced_by_rename_aborts(small: tuple[Path, list[bytes]]) -> None:
     path, messages = small
     md = Maildrop.open(str(path))
@@ -709,6 +734,28 @@ def test_leftover_temporary_journal_is_discarded(small: tuple[Path, list[bytes]]
     Maildrop.open(str(path), log=logs.append).close()
     assert not tmp.exists() and path.read_bytes() == b"".join(messages)
     assert any("uncommitted" in line for line in logs)
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_torn_journal_is_put_aside_and_spool_untouched(
+    spool_dir: Path, crash_spool: list[bytes], where: str
+) -> None:
+    """A committed journal with a block that never reached the disk (it reads as zeros) is
+    detected by its checksums; the spool, not yet touched at step 3, stays as it was."""
+    original = b"".join(crash_spool)
+    path = spool_dir / "alice"
+    write_spool(path, original)
+    assert finish(*start_committer(path, {0}, stop_after=3))[0] == 137
+    journal = Path(str(path) + JOURNAL_SUFFIX)
+    data = bytearray(journal.read_bytes())
+    at = len(data) // 2 // 4096 * 4096 if where == "data" else 64
+    data[at : at + 4096] = bytes(len(data[at : at + 4096]))
+    journal.write_bytes(bytes(data))
+    logs: list[str] = []
+    Maildrop.open(str(path), stale_lock=0, log=logs.append).close()
+    assert path.read_bytes() == original
+    assert [name for name in names(spool_dir) if ".unusable-" in name]
+    assert any("cannot be completed" in line for line in logs)
 
 
 @pytest.mark.parametrize("kind", ["garbage", "other-inode"])
