@@ -8,6 +8,7 @@ that or the untouched original, nothing in between.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import random
@@ -524,6 +525,38 @@ def test_disk_full_during_update_leaves_spool_identical(
     deleted = set(range(len(messages) // 2 + 5))
     Maildrop.open(str(path)).commit(frozenset(deleted))
     assert path.read_bytes() == expected(messages, deleted)
+
+
+def test_journal_write_error_mid_pass_aborts_cleanly(
+    spool_dir: Path, crash_spool: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where posix_fallocate reserves nothing, ENOSPC comes from a journal write in the middle
+    of the pass (its CRC helper thread still running): nothing deleted, nothing left behind."""
+    original = b"".join(crash_spool)
+    path = spool_dir / "alice"
+    write_spool(path, original)
+    real = maildrop_module._pwrite_all
+    calls: list[int] = []
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(maildrop_module, "_pwrite_all", pwrite)
+    threads = len(os.listdir("/proc/self/task"))
+    with pytest.raises(MaildropTempError, match="nothing deleted"):
+        Maildrop.open(str(path)).commit(frozenset({0}))
+    assert len(calls) == 3
+    assert path.read_bytes() == original and names(spool_dir) == {"alice"}
+    deadline = time.monotonic() + 10  # the helper thread has ended (it may take a moment to exit)
+    while len(os.listdir("/proc/self/task")) > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= threads
+    monkeypatch.undo()
+    Maildrop.open(str(path)).commit(frozenset({0}))  # and then it works
+    assert path.read_bytes() == expected(crash_spool, {0})
 
 
 # ----------------------------------------------------------- crashes and recovery
