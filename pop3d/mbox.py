@@ -143,6 +143,36 @@ class Listing:
         nth = dups.get(index)
         return uid if nth is None else b"%s-%d" % (uid, nth)
 
+    def sizes(self, lo: int, hi: int) -> list[int]:
+        """size(i) for lo <= i < hi, at once (LIST of every message)."""
+        if not 0 <= lo <= hi <= self.count:
+            raise IndexError("message range out of range")
+        return self._size[lo:hi].tolist()
+
+    def uids(self, lo: int, hi: int) -> list[bytes]:
+        """uid(i) for lo <= i < hi, at once (UIDL of every message): slices of hex blocks."""
+        if not 0 <= lo <= hi <= self.count:
+            raise IndexError("message range out of range")
+        dups = self._dups
+        if dups is None:
+            dups = self._dups = _dedup(self._digests, self.count)
+        out: list[bytes] = []
+        step, width = 2 * _DIGEST_STRIDE, 2 * _DIGEST_SIZE
+        while lo < hi:
+            self.uid(lo)  # makes lo's block of hex digits current
+            block_end = min(hi, (self._hex_block + 1) << _HEX_BLOCK_BITS)
+            hexs = self._hex
+            first = (lo & ((1 << _HEX_BLOCK_BITS) - 1)) * step
+            last = first + (block_end - lo) * step
+            out += [hexs[k : k + width] for k in range(first, last, step)]
+            lo = block_end
+        if dups:
+            start = hi - len(out)
+            for index, nth in dups.items():
+                if start <= index < hi:
+                    out[index - start] = b"%s-%d" % (out[index - start], nth)
+        return out
+
     def start(self, index: int) -> int:
         """Offset of the first content octet (just after the From_ line's LF)."""
         self._check(index)

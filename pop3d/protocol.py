@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
         def size(self, index: int) -> int: ...
         def uid(self, index: int) -> bytes: ...
+        def sizes(self, lo: int, hi: int) -> list[int]: ...
+        def uids(self, lo: int, hi: int) -> list[bytes]: ...
 
 
 AUTHORIZATION = "AUTHORIZATION"
@@ -167,8 +169,9 @@ class Pop3Core:
         self._auth_failures = 0
         self._listing: Listing | None = None
         self._deleted: set[int] = set()
-        # A LIST/UIDL of all messages still being written: (line format, value of, next index).
-        self._listing_rest: tuple[bytes, Callable[[int], object], int] | None = None
+        # A LIST/UIDL of all messages still being written: (line format, values of a range of
+        # messages, next index).
+        self._listing_rest: tuple[bytes, Callable[[int, int], list], int] | None = None
         self.stats = {"retr": 0, "retr_bytes": 0, "top": 0, "commands": 0}
         self._tables: dict[str, dict[bytes, Callable[[list[bytes], bytes], object]]] = {
             AUTHORIZATION: {
@@ -516,11 +519,11 @@ class Pop3Core:
 
     def _cmd_list(self, args: list[bytes], rest: bytes) -> None:
         assert self._listing is not None
-        self._scan_listing(args, b"%d %d", self._listing.size)
+        self._scan_listing(args, b"%d %d", self._listing.size, self._listing.sizes)
 
     def _cmd_uidl(self, args: list[bytes], rest: bytes) -> None:
         assert self._listing is not None
-        self._scan_listing(args, b"%d %s", self._listing.uid)
+        self._scan_listing(args, b"%d %s", self._listing.uid, self._listing.uids)
 
     def _size_of(self, index: int) -> int:
         assert self._listing is not None
@@ -530,7 +533,13 @@ class Pop3Core:
         assert self._listing is not None
         return self._listing.uid(index)
 
-    def _scan_listing(self, args: list[bytes], fmt: bytes, value: Callable[[int], object]) -> None:
+    def _scan_listing(
+        self,
+        args: list[bytes],
+        fmt: bytes,
+        value: Callable[[int], object],
+        values: Callable[[int, int], list],
+    ) -> None:
         if len(args) > 1:
             self._bad("syntax")
             return
@@ -540,7 +549,7 @@ class Pop3Core:
                 self._out += wire.ok(fmt % (index + 1, value(index)))
             return
         self._out += wire.ok()
-        self._listing_rest = (fmt + wire.CRLF, value, 0)
+        self._listing_rest = (fmt + wire.CRLF, values, 0)
         self._continue_listing()
 
     def _continue_listing(self) -> None:
@@ -548,20 +557,21 @@ class Pop3Core:
         (next_request resumes it once the driver has sent that): memory stays flat whatever the
         number of messages, and no list of 100,000 line objects is built."""
         assert self._listing_rest is not None and self._listing is not None
-        fmt, value, lo = self._listing_rest
+        fmt, values, lo = self._listing_rest
         out = self._out
         deleted = self._deleted
         count = self._listing.count
         while lo < count:
             if len(out) >= limits.OUTPUT_FLUSH:
-                self._listing_rest = (fmt, value, lo)
+                self._listing_rest = (fmt, values, lo)
                 return
-            block = range(lo, min(lo + 1024, count))
+            hi = min(lo + 1024, count)
+            lines = zip(range(lo + 1, hi + 1), values(lo, hi), strict=True)  # (number, value)
             if deleted:
-                out += b"".join([fmt % (i + 1, value(i)) for i in block if i not in deleted])
+                out += b"".join([fmt % line for line in lines if line[0] - 1 not in deleted])
             else:
-                out += b"".join([fmt % (i + 1, value(i)) for i in block])
-            lo = block.stop
+                out += b"".join([fmt % line for line in lines])
+            lo = hi
         out += wire.TERMINATOR
         self._listing_rest = None
 

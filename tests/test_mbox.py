@@ -331,6 +331,32 @@ def test_many_tiny_messages():
     assert len({listing.uid(i) for i in range(n)}) == n
 
 
+def test_bulk_sizes_and_uids_are_the_single_ones():
+    """LIST and UIDL of every message take ranges at once: the same values, duplicates numbered,
+    across blocks of hex digits (4096 messages each), for any range."""
+    n = 9_000
+    twin = b"From u Thu Nov 26 10:00:00 2026\nSubject: twin\n\nb\n\n"
+    data = b"".join(
+        twin
+        if i % 1500 == 7
+        else b"From u Thu Nov 26 10:00:00 2026\nSubject: %d\n\n%s\n\n" % (i, b"x" * (i % 50))
+        for i in range(n)
+    )
+    listing = mbox.scan(data)
+    single_uids = [listing.uid(i) for i in range(n)]
+    assert b"-6" in single_uids[-1000:][-1] or any(u.endswith(b"-6") for u in single_uids)
+    assert listing.uids(0, n) == single_uids
+    assert listing.sizes(0, n) == [listing.size(i) for i in range(n)]
+    for lo, hi in [(0, 0), (4095, 4097), (7, 8), (4096, 8192), (8191, n), (1, n - 1)]:
+        assert listing.uids(lo, hi) == single_uids[lo:hi]
+        assert listing.sizes(lo, hi) == [listing.size(i) for i in range(lo, hi)]
+    for lo, hi in [(-1, 3), (5, 4), (0, n + 1)]:
+        with pytest.raises(IndexError):
+            listing.uids(lo, hi)
+        with pytest.raises(IndexError):
+            listing.sizes(lo, hi)
+
+
 def test_big_message_streams_flat(mapped):
     line = b"%08d abcdefghijklmnopqrstuvwxyz 0123456789 .\n"
     body = b"".join(line % i for i in range(20 * 1024 * 1024 // len(line % 0)))

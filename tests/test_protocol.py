@@ -14,15 +14,21 @@ GREETING = b"+OK POP3 server ready\r\n"
 
 class FakeListing:
     def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sizes
+        self._sizes = sizes
         self.count = len(sizes)
         self.total_size = sum(sizes)
 
     def size(self, index: int) -> int:
-        return self.sizes[index]
+        return self._sizes[index]
 
     def uid(self, index: int) -> bytes:
         return b"uid-%d" % (index * 7)
+
+    def sizes(self, lo: int, hi: int) -> list[int]:
+        return self._sizes[lo:hi]
+
+    def uids(self, lo: int, hi: int) -> list[bytes]:
+        return [self.uid(i) for i in range(lo, hi)]
 
 
 def drive(core: Pop3Core, data: bytes) -> tuple[bytes, list[object]]:

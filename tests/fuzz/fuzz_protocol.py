@@ -51,6 +51,16 @@ class FakeListing:
             raise IndexError(index)
         return b"uid%d" % index
 
+    def sizes(self, lo: int, hi: int) -> list[int]:
+        if not 0 <= lo <= hi <= self.count:
+            raise IndexError((lo, hi))
+        return [self.size(i) for i in range(lo, hi)]
+
+    def uids(self, lo: int, hi: int) -> list[bytes]:
+        if not 0 <= lo <= hi <= self.count:
+            raise IndexError((lo, hi))
+        return [self.uid(i) for i in range(lo, hi)]
+
 
 def _options(rng: random.Random) -> protocol.Options:
     flags = rng.getrandbits(4)
