@@ -8,6 +8,8 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import ModuleType
+    from typing import NoReturn
 
 CONFIG_ERROR_REPLY = b"-ERR [SYS/PERM] Server configuration error; contact the administrator.\r\n"
 GREETING = b"+OK POP3 server ready\r\n"  # protocol.GREETING, without importing the protocol
@@ -56,7 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server.run(conf, args)
     from pop3d import session
 
-    return session.serve(conf, greeting_sent=greeted)
+    return _exit_now(session.serve(conf, greeting_sent=greeted), log)
+
+
+def _exit_now(status: int, log: ModuleType) -> NoReturn:
+    """End an inetd session's process without the interpreter's teardown.
+
+    The process served one connection and is done: freeing every module and object one by one
+    (~4 ms of CPU) serves nothing, the kernel takes the memory back at once, and on a busy host
+    that CPU is taken from the next connection. The log is flushed and closed first.
+    """
+    log.close()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _greet() -> bool:
