@@ -540,8 +540,9 @@ def _ctypes_crypt() -> Callable[[str, str], str] | None:
         return None
     crypt_rn.restype = ctypes.c_char_p
     crypt_rn.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
-    # struct crypt_data is 32 KiB in libxcrypt; crypt_rn refuses a smaller buffer (ERANGE).
-    size = 1 << 17
+    # struct crypt_data is 32 KiB in libxcrypt (crypt_rn refuses a smaller buffer: ERANGE);
+    # twice that leaves room, and stays under malloc's mmap threshold (128 KiB).
+    size = 1 << 16
 
     def crypt(word: str, setting: str) -> str:
         if "\0" in word or "\0" in setting:
