@@ -406,6 +406,10 @@ def relay(tls: TlsConnection, fd: int) -> None:
         from socket import SHUT_WR, socket
 
     os.set_blocking(fd, False)
+    # A client that stops reading is the session's to judge (it logs "write-timeout" and ends
+    # without an update): the relay, blocked first, must not time out first and make it look
+    # like a disconnect. It still ends on its own, later, if the session is gone.
+    tls.write_timeout = 2 * tls.write_timeout + 1.0
     tls_fd = tls.sock.fileno()
     to_root = bytearray()
     client_open = True
