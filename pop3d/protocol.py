@@ -355,7 +355,8 @@ class Pop3Core:
             self._bad("unknown")
             return None
         keyword, args, rest = parsed
-        handler = self._tables.get(self.state, {}).get(keyword)
+        table = self._tables.get(self.state)
+        handler = table.get(keyword) if table is not None else None
         if handler is None:
             self._bad("wrong_state" if keyword in self._known else "unknown")
             return None
@@ -608,7 +609,7 @@ class Pop3Core:
         index = self._message(args[0])
         if index is not None:
             self._deleted.add(index)
-            self._out += wire.ok(b"Message %d deleted." % (index + 1))
+            self._out += b"+OK Message %d deleted.\r\n" % (index + 1)  # wire.ok, inlined: pipelined
 
     def _cmd_rset(self, args: list[bytes], rest: bytes) -> None:
         if args:

@@ -82,11 +82,10 @@ class LineReader:
                 return TOO_LONG
             self._compact()
             return None
-        line = bytes(buf[pos:lf])
         self._pos = lf + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        return line
+        if lf > pos and buf[lf - 1] == 13:  # CRLF: one copy of the line without its CR
+            lf -= 1
+        return bytes(buf[pos:lf])
 
     def _compact(self) -> None:
         if self._pos:
@@ -96,12 +95,13 @@ class LineReader:
 
 def has_control(data: bytes) -> bool:
     """True if `data` holds a NUL, another C0 control byte or DEL (a line with one is invalid)."""
-    return bool(data.translate(None, _PRINTABLE_OR_HIGH))
+    return 0 in data.translate(_CONTROL_TO_NUL)
 
 
-# Every byte value that may appear in a command line: space, printable ASCII, and 8-bit bytes
-# (passwords may be UTF-8). `translate` deletes these; whatever remains is a control byte.
-_PRINTABLE_OR_HIGH = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# Maps each control byte (C0 and DEL) to 0 and every byte that may appear in a command line
+# (space, printable ASCII, 8-bit bytes: passwords may be UTF-8) to 1. A fixed table: translate
+# with a deletion set would build one on every call.
+_CONTROL_TO_NUL = b"\0" * 0x20 + b"\1" * (0x7F - 0x20) + b"\0" + b"\1" * 0x80
 
 
 def parse_command(line: bytes) -> tuple[bytes, list[bytes], bytes] | None:
