@@ -118,6 +118,46 @@ separators(PyObject *module, PyObject *args)
     return out;
 }
 
+/* Copy s[0:n) to d with every bare LF written as CR LF (a CR LF stays as it is); with `stuff`,
+ * also double a dot that starts a line: after a LF, or at s if at_line_start. Returns the end of
+ * what was written: at most n + (LFs) octets, or n + 2 * (LFs) + 1 with `stuff`. */
+static char *
+copy_lines(const char *s, Py_ssize_t n, char *d, int stuff, int at_line_start)
+{
+    const char *p = s, *stop = s + n;
+    if (stuff && at_line_start && p < stop && *p == '.')
+        *d++ = '.';
+    while (p < stop) {
+        const char *lf = memchr(p, '\n', (size_t)(stop - p));
+        if (lf == NULL) {
+            memcpy(d, p, (size_t)(stop - p));
+            return d + (stop - p);
+        }
+        memcpy(d, p, (size_t)(lf - p));
+        d += lf - p;
+        if (lf == s || lf[-1] != '\r')
+            *d++ = '\r';
+        *d++ = '\n';
+        p = lf + 1;
+        if (stuff && p < stop && *p == '.')
+            *d++ = '.';
+    }
+    return d;
+}
+
+/* Positions i with s[i] == first and s[i + 1] == second, found with memchr on `first`. */
+static Py_ssize_t
+count_pairs(const char *s, Py_ssize_t n, char first, char second)
+{
+    const char *stop = s + n;
+    Py_ssize_t k = 0;
+    for (const char *p = s; (p = memchr(p, first, (size_t)(stop - p))) != NULL; p++) {
+        if (p + 1 < stop && p[1] == second)
+            k++;
+    }
+    return k;
+}
+
 PyDoc_STRVAR(to_crlf_doc,
 "to_crlf(buffer) -> bytes\n\n"
 "bytes(buffer).replace(b'\\r\\n', b'\\n').replace(b'\\n', b'\\r\\n'): every bare LF becomes CR LF;\n"
@@ -129,35 +169,16 @@ to_crlf(PyObject *module, PyObject *args)
     Py_buffer view;
     if (!PyArg_ParseTuple(args, "y*:to_crlf", &view))
         return NULL;
-    const char *s = view.buf, *stop = s + view.len;
+    const char *s = view.buf;
     Py_ssize_t bare = count_byte((const unsigned char *)s, view.len, '\n');
-    if (memchr(s, '\r', (size_t)view.len) != NULL) { /* rare: take out the LFs after a CR */
-        for (const char *p = s; (p = memchr(p, '\r', (size_t)(stop - p))) != NULL; p++) {
-            if (p + 1 < stop && p[1] == '\n')
-                bare--;
-        }
-    }
+    if (memchr(s, '\r', (size_t)view.len) != NULL) /* rare: take out the LFs after a CR */
+        bare -= count_pairs(s, view.len, '\r', '\n');
     PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + bare);
     if (out == NULL) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    char *d = PyBytes_AS_STRING(out);
-    const char *p = s;
-    while (p < stop) {
-        const char *lf = memchr(p, '\n', (size_t)(stop - p));
-        if (lf == NULL) {
-            memcpy(d, p, (size_t)(stop - p));
-            d += stop - p;
-            break;
-        }
-        memcpy(d, p, (size_t)(lf - p));
-        d += lf - p;
-        if (lf == s || lf[-1] != '\r')
-            *d++ = '\r';
-        *d++ = '\n';
-        p = lf + 1;
-    }
+    copy_lines(s, view.len, PyBytes_AS_STRING(out), 0, 0);
     PyBuffer_Release(&view);
     return out;
 }
@@ -173,11 +194,7 @@ dot_stuff(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*:dot_stuff", &view))
         return NULL;
     const char *s = view.buf, *stop = s + view.len;
-    Py_ssize_t dots = 0;
-    for (const char *p = s; (p = memchr(p, '\n', (size_t)(stop - p))) != NULL; p++) {
-        if (p + 1 < stop && p[1] == '.')
-            dots++;
-    }
+    Py_ssize_t dots = count_pairs(s, view.len, '\n', '.');
     if (dots == 0) {
         PyObject *same = PyBytes_FromStringAndSize(s, view.len);
         PyBuffer_Release(&view);
@@ -218,7 +235,7 @@ to_wire(PyObject *module, PyObject *args)
     int at_line_start;
     if (!PyArg_ParseTuple(args, "y*p:to_wire", &view, &at_line_start))
         return NULL;
-    const char *s = view.buf, *stop = s + view.len;
+    const char *s = view.buf;
     /* Each LF adds at most a CR and a dot: allocate for that, then shrink to what was written. */
     Py_ssize_t lfs = count_byte((const unsigned char *)s, view.len, '\n');
     PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + 2 * lfs + 1);
@@ -226,28 +243,10 @@ to_wire(PyObject *module, PyObject *args)
         PyBuffer_Release(&view);
         return NULL;
     }
-    char *start = PyBytes_AS_STRING(out), *d = start;
-    const char *p = s;
-    if (at_line_start && p < stop && *p == '.')
-        *d++ = '.';
-    while (p < stop) {
-        const char *lf = memchr(p, '\n', (size_t)(stop - p));
-        if (lf == NULL) {
-            memcpy(d, p, (size_t)(stop - p));
-            d += stop - p;
-            break;
-        }
-        memcpy(d, p, (size_t)(lf - p));
-        d += lf - p;
-        if (lf == s || lf[-1] != '\r')
-            *d++ = '\r';
-        *d++ = '\n';
-        p = lf + 1;
-        if (p < stop && *p == '.')
-            *d++ = '.';
-    }
+    char *start = PyBytes_AS_STRING(out);
+    char *end = copy_lines(s, view.len, start, 1, at_line_start);
     PyBuffer_Release(&view);
-    if (_PyBytes_Resize(&out, d - start) < 0)
+    if (_PyBytes_Resize(&out, end - start) < 0)
         return NULL;
     return out;
 }
