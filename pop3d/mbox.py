@@ -382,6 +382,9 @@ def scan(buf: Buffer, fmt: str = "mboxo", parallel_min: int = limits.MBOX_PARALL
         # (Looked for in a bounded stretch: a giant message in the middle means no split.)
         k = buf.find(b"\n\nFrom ", n // 2, n // 2 + limits.MBOX_SCAN_WINDOW * 16)
         split = k + 2 if k >= 0 else 0
+        # The search may have walked through a big attachment: its pages must not stay mapped
+        # (peak RSS) while both halves are scanned.
+        release_pages(buf, n // 2, k if k >= 0 else n // 2 + limits.MBOX_SCAN_WINDOW * 16)
     parts = _scan_parallel(buf, split, n, rd) if split else _scan_range(buf, 0, n, rd)
     return Listing(*parts, None, n)
 
