@@ -28,6 +28,8 @@ JOURNAL_SUFFIX = ".pop3d-journal"
 STOP_AFTER_ENV = "POP3D_TEST_UPDATE_STOP_AFTER"
 
 _JOURNAL_MAGIC = b"pop3d journal v2"  # 16 bytes
+# Written by pop3d before the v2 format: not replayed here, and never put aside (see _recover).
+_OLD_JOURNAL_MAGIC = b"pop3d journal v1"
 # magic, spool inode, P, N, S, J, m, nonce, CRC-32 of the new tail, number of extents
 _JOURNAL_HEADER = "<16sQQQQQQ16sQQ"
 _NONCE_LEN = 16
@@ -57,6 +59,10 @@ class MaildropPermError(MaildropError):
 
 class MaildropTempError(MaildropError):
     """An I/O failure or an aborted update; nothing was lost and a retry may succeed."""
+
+
+class _OldJournalError(Exception):
+    """A committed journal in a format this version cannot replay: the spool may be half moved."""
 
 
 class _UnusableJournalError(Exception):
@@ -837,6 +843,8 @@ class _Journal:
         size = os.fstat(jfd).st_size
         fixed = struct.calcsize(_JOURNAL_HEADER)
         head = os.pread(jfd, fixed, 0)
+        if os.pread(jfd, 16, 0) == _OLD_JOURNAL_MAGIC:
+            raise _OldJournalError("a journal of an older pop3d (format v1)")
         if len(head) != fixed or head[:16] != _JOURNAL_MAGIC:
             raise _UnusableJournalError("not a pop3d journal (bad magic or too short)")
         _, ino, P, N, S, J, m, nonce, crc, count = struct.unpack(_JOURNAL_HEADER, head)
@@ -904,6 +912,8 @@ def _update(
     N = P + T
     if T == 0:  # only a final run of messages deleted: a truncate is atomic, no journal needed
         try:
+            if os.fstat(fd).st_size != S:  # appended since S was taken: it must not be cut off
+                raise _ChangedError(f"the size changed from {S} during the update")
             os.ftruncate(fd, P)
             os.fsync(fd)
         except OSError as e:
@@ -940,6 +950,9 @@ def _update(
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 # No reservation on this file system: a write failing below still aborts cleanly.
+                # The journal must still have its full length (J may be 0: only the header is
+                # written), or recovery would judge its layout corrupt.
+                os.ftruncate(jfd, need)
             journal.crc = _journal_pass(fd, jfd, journal, checks)
             _pwrite_all(jfd, journal.pack_header(), 0)
             _step(1)
@@ -1019,7 +1032,10 @@ def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None]
             whole = False
         if not whole:
             raise _UnusableJournalError("the messages it would move no longer match the spool")
-    if not marked:
+    if recovering or not marked:
+        # A mark read back during recovery may exist only in the page cache (the crashed
+        # session died before its fdatasync, or that fdatasync failed): make it durable again
+        # before the first tail byte is written.
         _pwrite_all(fd, j.mark(), j.N)
         os.fdatasync(fd)
     _step(4)
@@ -1085,6 +1101,13 @@ def _recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
             if journal.ino != os.fstat(fd).st_ino:
                 raise _UnusableJournalError("the spool was replaced (another inode)")
             outcome = _apply(fd, jfd, journal, path, log, recovering=True)
+        except _OldJournalError as e:
+            # Its update may be half done: serving or updating the spool now could lose mail.
+            raise MaildropTempError(
+                f"{path}: {jpath} is {e}, which this version cannot complete: the spool may be "
+                "half updated and is not served; complete it with the pop3d that wrote it, or "
+                "check the spool by hand and remove the journal"
+            ) from None
         except _UnusableJournalError as e:
             aside = f"{jpath}.unusable-{int(time.time())}"
             try:

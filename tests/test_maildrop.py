@@ -797,7 +797,7 @@ def test_unusable_journal_is_kept_aside_and_spool_untouched(spool_dir: Path, kin
     path = spool_dir / "alice"
     write_spool(path, b"".join(messages))
     if kind == "garbage":
-        Path(str(path) + JOURNAL_SUFFIX).write_bytes(b"pop3d journal v1" + os.urandom(5000))
+        Path(str(path) + JOURNAL_SUFFIX).write_bytes(b"not a journal at all" + os.urandom(5000))
         os.chmod(str(path) + JOURNAL_SUFFIX, 0o600)
     else:  # a complete journal, but for a spool that has since been replaced
         assert finish(*start_committer(path, {0}, stop_after=4))[0] == 137
@@ -812,6 +812,49 @@ def test_unusable_journal_is_kept_aside_and_spool_untouched(spool_dir: Path, kin
     assert path.read_bytes() == before
     aside = [name for name in names(spool_dir) if ".unusable-" in name]
     assert len(aside) == 1 and any("cannot be completed" in line for line in logs)
+
+
+def test_journal_of_an_older_version_refuses_the_maildrop(spool_dir: Path) -> None:
+    """A v1 journal's update may be half done: the spool is not served (nor updated), and the
+    journal stays where it is, for the pop3d that wrote it or an administrator."""
+    messages = make_messages(random.Random(2), 6)
+    path = spool_dir / "alice"
+    write_spool(path, b"".join(messages))
+    journal = Path(str(path) + JOURNAL_SUFFIX)
+    journal.write_bytes(b"pop3d journal v1" + os.urandom(5000))
+    os.chmod(journal, 0o600)
+    old = journal.read_bytes()
+    with pytest.raises(MaildropTempError, match="older pop3d"):
+        Maildrop.open(str(path), stale_lock=0)
+    assert journal.read_bytes() == old and path.read_bytes() == b"".join(messages)
+    assert names(spool_dir) == {"alice", "alice" + JOURNAL_SUFFIX}  # no lock left behind
+
+
+def test_crash_without_fallocate_and_nothing_journalled_is_recovered(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where posix_fallocate is not supported and the deleted message is larger than all the mail
+    kept after it, the journal holds no tail byte (only its header): it must still have its full
+    length, or recovery after a crash in the move would call it corrupt and serve a half-moved
+    spool."""
+    big = b"From big Thu Nov 26 10:00:00 2026\nSubject: big\n\n" + b"x" * 60 + b"\n" * 2000 + b"\n"
+    small = [b"From s%d Thu Nov 26 10:00:00 2026\nSubject: small %d\n\nhello\n\n" % (i, i) for i in range(3)]
+    path = spool_dir / "alice"
+    write_spool(path, big + b"".join(small))
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    for step in (3, 5, 6):
+        write_spool(path, big + b"".join(small))
+        assert finish(*start_committer(path, {0}, stop_after=step))[0] == 137
+        logs: list[str] = []
+        with Maildrop.open(str(path), stale_lock=0, log=logs.append) as md:
+            assert md.listing.count == 3, logs
+        assert path.read_bytes() == b"".join(small), step
+        assert any("recovered" in line for line in logs), logs
+        assert names(spool_dir) == {"alice"}
 
 
 @needs_root
