@@ -117,9 +117,13 @@ class Pop3Env:
 
     def start(self, *extra: str) -> tuple[socket.socket, subprocess.Popen[bytes]]:
         """pop3d on one end of a socketpair, as inetd starts it; our end is returned."""
+        return self.spawn(self.command(*extra))
+
+    def spawn(self, argv: list[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+        """`argv` (pop3d, or something that execs it) on one end of a socketpair, as inetd does."""
         ours, theirs = socket.socketpair()
         proc = subprocess.Popen(
-            self.command(*extra),
+            argv,
             stdin=theirs,
             stdout=theirs,
             stderr=subprocess.PIPE,

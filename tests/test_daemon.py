@@ -290,17 +290,7 @@ def test_fifty_concurrent_sessions_standalone(env: Pop3Env) -> None:
 
 def test_inetd_mode_never_imports_python_daemon(env: Pop3Env) -> None:
     env.write_spool(mbox_bytes(sample_messages()[:1]))
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-X", "importtime", "-m", "pop3d", "-c", str(env.conf)],
-        stdin=theirs,
-        stdout=theirs,
-        stderr=subprocess.PIPE,
-        cwd=str(ROOT),
-        env=child_env(),
-    )
-    theirs.close()
-    ours.settimeout(IO_TIMEOUT)
+    ours, proc = env.spawn([sys.executable, "-X", "importtime", "-m", "pop3d", "-c", str(env.conf)])
     assert ours.recv(100).startswith(b"+OK")
     ours.sendall(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 1\r\nQUIT\r\n")
     assert recv_until(ours, b"+OK Bye; 1 messages left.\r\n").startswith(b"+OK")
@@ -315,17 +305,9 @@ def test_accept_yes_environment_is_inetd_mode(env: Pop3Env) -> None:
     """systemd Accept=yes passes the connection as fd 3 with LISTEN_FDS=1 (and as fd 0/1 with
     StandardInput=socket): that is one session, not an accept loop."""
     env.write_spool(mbox_bytes(sample_messages()[:1]))
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&0', "sh", *env.command()],
-        stdin=theirs,
-        stdout=theirs,
-        stderr=subprocess.PIPE,
-        cwd=str(ROOT),
-        env=child_env(),
+    ours, proc = env.spawn(
+        ["/bin/sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&0', "sh", *env.command()]
     )
-    theirs.close()
-    ours.settimeout(IO_TIMEOUT)
     assert ours.recv(100).startswith(b"+OK")
     ours.sendall(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nSTAT\r\nQUIT\r\n")
     assert b"+OK 1 " in recv_until(ours, b"+OK Bye; 1 messages left.\r\n")
