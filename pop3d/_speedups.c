@@ -183,50 +183,10 @@ to_crlf(PyObject *module, PyObject *args)
     return out;
 }
 
-PyDoc_STRVAR(dot_stuff_doc,
-"dot_stuff(buffer) -> bytes\n\n"
-"bytes(buffer).replace(b'\\n.', b'\\n..'): a dot starting a line after a LF is doubled.");
-
-static PyObject *
-dot_stuff(PyObject *module, PyObject *args)
-{
-    Py_buffer view;
-    if (!PyArg_ParseTuple(args, "y*:dot_stuff", &view))
-        return NULL;
-    const char *s = view.buf, *stop = s + view.len;
-    Py_ssize_t dots = count_pairs(s, view.len, '\n', '.');
-    if (dots == 0) {
-        PyObject *same = PyBytes_FromStringAndSize(s, view.len);
-        PyBuffer_Release(&view);
-        return same;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + dots);
-    if (out == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    char *d = PyBytes_AS_STRING(out);
-    const char *p = s;
-    while (p < stop) {
-        const char *lf = memchr(p, '\n', (size_t)(stop - p));
-        if (lf == NULL) {
-            memcpy(d, p, (size_t)(stop - p));
-            break;
-        }
-        memcpy(d, p, (size_t)(lf + 1 - p));
-        d += lf + 1 - p;
-        p = lf + 1;
-        if (p < stop && *p == '.')
-            *d++ = '.';
-    }
-    PyBuffer_Release(&view);
-    return out;
-}
-
 PyDoc_STRVAR(to_wire_doc,
 "to_wire(buffer, at_line_start) -> bytes\n\n"
-"dot_stuff(to_crlf(buffer)), plus a dot before a first octet '.' if at_line_start: message\n"
-"octets as RETR sends them, in one pass.");
+"to_crlf(buffer) with every dot that starts a line doubled (the first octet's only if\n"
+"at_line_start): message octets as RETR sends them, in one pass.");
 
 static PyObject *
 to_wire(PyObject *module, PyObject *args)
@@ -255,7 +215,6 @@ static PyMethodDef methods[] = {
     {"count_lf", count_lf, METH_VARARGS, count_lf_doc},
     {"separators", separators, METH_VARARGS, separators_doc},
     {"to_crlf", to_crlf, METH_VARARGS, to_crlf_doc},
-    {"dot_stuff", dot_stuff, METH_VARARGS, dot_stuff_doc},
     {"to_wire", to_wire, METH_VARARGS, to_wire_doc},
     {NULL, NULL, 0, NULL},
 };

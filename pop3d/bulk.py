@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | memoryview | mmap.mmap
 
-__all__ = ["ACCELERATED", "count_lf", "dot_stuff", "separators", "to_crlf", "to_wire"]
+__all__ = ["ACCELERATED", "count_lf", "separators", "to_crlf", "to_wire"]
 
 
 def py_count_lf(buf: bytes, start: int, end: int) -> int:
@@ -57,13 +57,9 @@ def py_to_crlf(chunk: bytes) -> bytes:
     return chunk.replace(b"\n", b"\r\n")
 
 
-def py_dot_stuff(chunk: bytes) -> bytes:
-    """A dot starting a line after a LF is doubled (the chunk's own first byte is the caller's)."""
-    return chunk.replace(b"\n.", b"\n..")
-
-
 def py_to_wire(chunk: bytes, at_line_start: bool) -> bytes:
-    """dot_stuff(to_crlf(chunk)), and a dot before a first "." if chunk starts a line: RETR's octets."""
+    """to_crlf(chunk) with every dot that starts a line doubled (the first octet's only if chunk
+    starts a line): the octets RETR sends."""
     out = py_to_crlf(chunk).replace(b"\n.", b"\n..")
     if at_line_start and out[:1] == b".":
         out = b"." + out
@@ -73,11 +69,10 @@ def py_to_wire(chunk: bytes, at_line_start: bool) -> bytes:
 count_lf = py_count_lf
 separators = py_separators
 to_crlf = py_to_crlf
-dot_stuff = py_dot_stuff
 to_wire = py_to_wire
 ACCELERATED = False
 try:
-    from pop3d._speedups import count_lf, dot_stuff, separators, to_crlf, to_wire  # type: ignore[no-redef]
+    from pop3d._speedups import count_lf, separators, to_crlf, to_wire  # type: ignore[no-redef]
 
     ACCELERATED = True
 except ImportError:  # not built (no C compiler at install time): the Python versions serve

@@ -1,4 +1,4 @@
-"""POP3 wire format: bounded line reading, command parsing, replies, dot-stuffing.
+"""POP3 wire format: bounded line reading, command parsing, replies (dot-stuffing: bulk.to_wire).
 
 Pure byte handling, no I/O: everything here is driven by `protocol` and tested with byte strings.
 """
@@ -9,7 +9,7 @@ from pop3d import limits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -135,40 +135,3 @@ def err(text: bytes, code: bytes = b"") -> bytes:
 def multiline(first: bytes, lines: Iterable[bytes]) -> bytes:
     """A complete multi-line reply whose lines are known to need no dot-stuffing (listings)."""
     return first + b"".join(line + CRLF for line in lines) + TERMINATOR
-
-
-class DotStuffer:
-    """Dot-stuff a message already in CRLF form, chunk by chunk, correctly across chunk boundaries.
-
-    Only state needed across chunks: whether the next byte starts a line.
-    """
-
-    __slots__ = ("_at_line_start", "_dot_stuff")
-
-    def __init__(self) -> None:
-        from pop3d.bulk import dot_stuff  # not at module level: this module is on the greeting's path
-
-        self._at_line_start = True
-        self._dot_stuff = dot_stuff
-
-    def stuff(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        out = self._dot_stuff(chunk)
-        if self._at_line_start and out[:1] == b".":
-            out = b"." + out
-        self._at_line_start = chunk[-1:] == b"\n"
-        return out
-
-    def finish(self) -> bytes:
-        """The end of the multi-line reply (terminating the last line if the source did not)."""
-        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
-
-
-def stuff_message(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Yield the dot-stuffed body of a multi-line reply, the terminating `.` line included."""
-    stuffer = DotStuffer()
-    for chunk in chunks:
-        if chunk:
-            yield stuffer.stuff(chunk)
-    yield stuffer.finish()

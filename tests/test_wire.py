@@ -1,14 +1,12 @@
-"""Wire-level pieces: the bounded line reader, command parsing, and dot-stuffing across chunks."""
+"""Wire-level pieces: the bounded line reader, command parsing, and RETR's dot-stuffing across chunks."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d import wire
+from pop3d import limits, mbox, wire
 
 # Every test here runs with the C byte loops and with the Python ones (conftest.bulk_impl).
 pytestmark = pytest.mark.usefixtures("bulk_impl")
@@ -24,34 +22,56 @@ def reference_stuff(message: bytes) -> bytes:
     return out + b".\r\n"
 
 
+def retr_octets(message: bytes, chunk: int) -> bytes:
+    """What the session sends for `message` stored in an mbox: mbox's dot-stuffed stream
+    (iter_message(wire=True), in chunks of at most `chunk` octets), then the terminator line."""
+    data = b"From x Thu Nov 26 10:00:00 2026\n" + message + (b"\n" if message.endswith(b"\n") else b"")
+    listing = mbox.scan(data)
+    saved = limits.RETR_CHUNK
+    limits.RETR_CHUNK = chunk
+    try:
+        body = b"".join(mbox.iter_message(data, listing, 0, wire=True))
+    finally:
+        limits.RETR_CHUNK = saved
+    assert body == b"" or body.endswith(b"\r\n")  # the session adds only ".\r\n"
+    return body + wire.TERMINATOR
+
+
+CHUNKS = (2, 3, 5, 8, 1000)
+
+
 def test_dot_stuffing_simple() -> None:
     msg = b".hidden\r\nbody\r\n.\r\n..two\r\n"
-    assert b"".join(wire.stuff_message([msg])) == b"..hidden\r\nbody\r\n..\r\n...two\r\n.\r\n"
+    for chunk in CHUNKS:
+        assert retr_octets(msg, chunk) == b"..hidden\r\nbody\r\n..\r\n...two\r\n.\r\n"
 
 
 def test_dot_split_across_chunks() -> None:
-    chunks = [b"line\r\n", b".dot\r\n", b"x\r", b"\n.", b"y\r\n"]
-    assert b"".join(wire.stuff_message(chunks)) == b"line\r\n..dot\r\nx\r\n..y\r\n.\r\n"
+    msg = b"line\r\n.dot\r\nx\r\n.y\r\n"
+    for chunk in CHUNKS:
+        assert retr_octets(msg, chunk) == b"line\r\n..dot\r\nx\r\n..y\r\n.\r\n"
 
 
 def test_unterminated_last_line_gets_crlf() -> None:
-    assert b"".join(wire.stuff_message([b"abc"])) == b"abc\r\n.\r\n"
+    for chunk in CHUNKS:
+        assert retr_octets(b"abc", chunk) == b"abc\r\n.\r\n"
+        assert retr_octets(b"x\n.abc", chunk) == b"x\r\n..abc\r\n.\r\n"
 
 
 def test_empty_message() -> None:
-    assert b"".join(wire.stuff_message([])) == b".\r\n"
+    assert retr_octets(b"", 1000) == b".\r\n"
 
 
 @settings(max_examples=500, deadline=None)
 @given(
-    lines=st.lists(st.sampled_from([b"", b".", b"..", b".x", b"a", b"a.b", b"\r", b" ."]), max_size=20),
-    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+    lines=st.lists(
+        st.sampled_from([b"", b".", b"..", b".x", b"a", b"a.b", b"ab.c", b"abc.d", b"\r", b" ."]), max_size=20
+    ),
+    chunk=st.integers(min_value=2, max_value=40),
 )
-def test_stuffing_is_chunking_independent(lines: list[bytes], cuts: list[int]) -> None:
+def test_stuffing_is_chunking_independent(lines: list[bytes], chunk: int) -> None:
     message = b"".join(line + b"\r\n" for line in lines)
-    points = sorted({c % (len(message) + 1) for c in cuts} | {0, len(message)})
-    chunks = [message[a:b] for a, b in itertools.pairwise(points)]
-    assert b"".join(wire.stuff_message(chunks)) == reference_stuff(message)
+    assert retr_octets(message, chunk) == reference_stuff(message)
 
 
 def test_line_reader_crlf_and_lf() -> None:
