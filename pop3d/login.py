@@ -268,7 +268,7 @@ def _mail_group_needed(directory: str, uid: int) -> int | None:
 
 
 def _drop_privileges(config: Config, account: auth.Account, path: str) -> None:
-    """As root, become the account for good before the maildrop is touched (see README)."""
+    """As root, become the account for good before the maildrop is touched (docs/SECURITY.md)."""
     preload()
     if os.geteuid() != 0:
         if os.geteuid() != account.uid:

@@ -102,7 +102,7 @@ def test_openbsd_inetd_with_the_shipped_line(env: Pop3Env) -> None:
 @needs_inetd
 @pytest.mark.skipif(not os.access("/usr/sbin/tcpd", os.X_OK), reason="tcpd is not installed (Debian tcpd)")
 def test_openbsd_inetd_through_tcpd(env: Pop3Env) -> None:
-    """The tcp-wrappers form the README documents: tcpd execs pop3d (hosts.allow/deny permit it:
+    """The tcp-wrappers form docs/DEPLOYING.md documents: tcpd execs pop3d (hosts.allow/deny permit it:
     the test machine's files are left alone, so this shows the chain works, not a denial)."""
     deny = Path("/etc/hosts.deny")
     if deny.exists() and any(line.split("#")[0].strip() for line in deny.read_text().splitlines()):
