@@ -26,16 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from pop3d import maildrop as maildrop_module
+from pop3d import update as update_module
 from pop3d.maildrop import (
-    JOURNAL_SUFFIX,
-    STOP_AFTER_ENV,
     Maildrop,
     MaildropFormatError,
     MaildropInUseError,
     MaildropPermError,
     MaildropTempError,
 )
+from pop3d.update import JOURNAL_SUFFIX, STOP_AFTER_ENV
 
 IS_ROOT = os.geteuid() == 0
 DOTLOCKFILE = shutil.which("dotlockfile")
@@ -516,10 +515,10 @@ def test_disk_full_during_update_leaves_spool_identical(
     # Past a lying free-space check, the reservation itself fails with ENOSPC.
     real = os.fstatvfs
     plenty = os.statvfs_result((4096, 4096, 1 << 30, 1 << 30, 1 << 30, 1 << 20, 1 << 20, 1 << 20, 0, 255))
-    monkeypatch.setattr(maildrop_module.os, "fstatvfs", lambda fd: plenty)
+    monkeypatch.setattr(update_module.os, "fstatvfs", lambda fd: plenty)
     with pytest.raises(MaildropTempError, match="space"):
         Maildrop.open(str(path)).commit(frozenset({1}))
-    monkeypatch.setattr(maildrop_module.os, "fstatvfs", real)
+    monkeypatch.setattr(update_module.os, "fstatvfs", real)
     assert path.read_bytes() == data and names(small_fs) == {"alice"}
     # Deleting the older half moves the rest without journalling it: that fits.
     deleted = set(range(len(messages) // 2 + 5))
@@ -535,7 +534,7 @@ def test_journal_write_error_mid_pass_aborts_cleanly(
     original = b"".join(crash_spool)
     path = spool_dir / "alice"
     write_spool(path, original)
-    real = maildrop_module._pwrite_all
+    real = update_module._pwrite_all
     calls: list[int] = []
 
     def pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -544,7 +543,7 @@ def test_journal_write_error_mid_pass_aborts_cleanly(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data, offset)
 
-    monkeypatch.setattr(maildrop_module, "_pwrite_all", pwrite)
+    monkeypatch.setattr(update_module, "_pwrite_all", pwrite)
     threads = len(os.listdir("/proc/self/task"))
     with pytest.raises(MaildropTempError, match="nothing deleted"):
         Maildrop.open(str(path)).commit(frozenset({0}))
@@ -680,7 +679,7 @@ def test_mail_appended_while_the_update_runs_is_kept(
     """A writer ignoring the locks appends after the size check: the update moves it too."""
     path, messages = small
     new = b"From racer@example.org Thu Nov 26 14:00:00 2026\nSubject: racing\n\nhi\n\n"
-    real_step = maildrop_module._step
+    real_step = update_module._step
     appended = []
 
     def step(number: int) -> None:
@@ -690,7 +689,7 @@ def test_mail_appended_while_the_update_runs_is_kept(
                 f.write(new)
         real_step(number)
 
-    monkeypatch.setattr(maildrop_module, "_step", step)
+    monkeypatch.setattr(update_module, "_step", step)
     logs: list[str] = []
     Maildrop.open(str(path), log=logs.append).commit(frozenset({1, 2}))
     assert appended and path.read_bytes() == expected(messages, {1, 2}) + new
