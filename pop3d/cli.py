@@ -56,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pop3d import server
 
         return server.run(conf, args)
-    from pop3d import session
+    from pop3d import dispatch
 
-    return _exit_now(session.serve(conf, greeting_sent=greeted), log)
+    return _exit_now(dispatch.serve(conf, greeting_sent=greeted), log)
 
 
 def _exit_now(status: int, log: ModuleType) -> NoReturn:

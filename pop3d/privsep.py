@@ -32,12 +32,20 @@ from __future__ import annotations
 import os
 
 from pop3d import log, protocol
-from pop3d.session import Connection, Session, SessionEnd, _signal_module
+from pop3d.session import Session
+from pop3d.transport import (
+    Connection,
+    SessionEnd,
+    install_signal_handlers,
+    peer_name,
+    signal_module,
+    start_tls,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pop3d.config import Config
-    from pop3d.session import TlsConnection
+    from pop3d.transport import TlsConnection
 
 # Frames larger than this are a protocol violation: credentials are at most a SASL line each,
 # the pending input at most what the session buffers (limits.MAX_PENDING_INPUT + a read).
@@ -55,15 +63,20 @@ class FrameError(Exception):
     """The other process broke the framing: end the session."""
 
 
-def serve(config: Config, conn: Connection, peer: str, greeting_sent: bool = True) -> int:
+def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
     """Serve one session with the dialogue (and any TLS) in a confined child.
 
-    The greeting has been sent unless `greeting_sent` is false, which it is only for implicit
-    TLS: then the child sends it, after the handshake.
+    The greeting goes out first, unless it has been sent (cli) or TLS is implicit: then the
+    child sends it, after the handshake.
     """
     import pwd
 
-    signal = _signal_module()
+    if config.tls != "implicit" and not greeting_sent:
+        conn.write_all(protocol.GREETING)
+        greeting_sent = True
+    install_signal_handlers()
+    peer = peer_name(conn.rfd)
+    signal = signal_module()
     name = str(config.preauth_user)
     try:
         entry = pwd.getpwnam(name)
@@ -151,7 +164,7 @@ class _Monitor:
 
     def run(self, mask: object = None) -> int:
         """Answer the child's credential checks; then serve the session, or end with the child."""
-        signal = _signal_module()
+        signal = signal_module()
         failures = 0
         allowed = int(self.config.max_auth_failures)  # type: ignore[call-overload]
         try:  # from the first instruction: a SIGTERM anywhere must also end the child
@@ -224,7 +237,7 @@ class _Monitor:
         A child asked to stop with SIGTERM gets a moment to log how the session ended; one
         that does not stop then is killed.
         """
-        signal = _signal_module()
+        signal = signal_module()
         if self.pid:
             if signum is not None:
                 _signal(self.pid, signum)
@@ -340,11 +353,11 @@ class _Child:
         self.relay = relay
 
     def run(self, uid: int, gid: int, greeting_sent: bool) -> int:
-        from pop3d import privs, session
+        from pop3d import privs
 
         config = self.config
         # Descriptors it may still make: one for the TLS socket object, one for the moment
-        # plaintext_on_loopback looks at the peer (session.peer_is_local).
+        # plaintext_on_loopback looks at the peer (transport.peer_is_local).
         spare = (config.tls != "none") + bool(config.plaintext_on_loopback)
         missing = privs.confine(uid, gid, spare)
         if missing:
@@ -352,7 +365,7 @@ class _Child:
         transport: Connection | TlsConnection = self.conn
         if config.tls == "implicit":
             try:
-                transport = session.start_tls(config, self.conn, self.peer)
+                transport = start_tls(config, self.conn, self.peer)
             except SessionEnd:
                 return 0  # logged: the handshake failed, timed out, or the client left
         if not greeting_sent:

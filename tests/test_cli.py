@@ -33,7 +33,7 @@ HEAVY = (
 def test_greeting_path_imports_nothing_heavy() -> None:
     code = (
         "import sys\n"
-        "from pop3d import cli, config, log, session, protocol, wire\n"
+        "from pop3d import cli, config, dispatch, log, privsep, protocol, session, transport, wire\n"
         f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -17,7 +17,7 @@ import pytest
 from conftest import IS_ROOT, PASSWORD, Pop3Env, child_env, mbox_bytes, sample_messages, wait_for
 
 from pop3d import config as cfg
-from pop3d import privs, privsep, session
+from pop3d import privs, privsep, transport
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (changes uids, chroot)")
 
@@ -134,7 +134,7 @@ def test_root_enforces_max_auth_failures_and_the_delay(env: Pop3Env) -> None:
     to_child_r, to_child_w = os.pipe()
     ours, theirs = socket.socketpair()
     child = subprocess.Popen(["sleep", "60"])  # stands in for the child process
-    conn = session.Connection(theirs.fileno(), theirs.fileno())
+    conn = transport.Connection(theirs.fileno(), theirs.fileno())
     for _ in range(5):
         privsep.send(to_root_w, b"A", privsep.encode_request(b"alice", b"wrong", b"", (2, 30, 40)))
     os.close(to_root_w)
@@ -231,25 +231,25 @@ def test_peer_name_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
         monkeypatch.delenv(var, raising=False)
     rfd, wfd = os.pipe()
-    assert session.peer_name(rfd) == "unknown"
+    assert transport.peer_name(rfd) == "unknown"
     monkeypatch.setenv("TCPREMOTEIP", "192.0.2.7")
-    assert session.peer_name(rfd) == "192.0.2.7"  # tcpserver's variable, for a pipe
+    assert transport.peer_name(rfd) == "192.0.2.7"  # tcpserver's variable, for a pipe
     monkeypatch.delenv("TCPREMOTEIP")
     monkeypatch.setenv("REMOTE_HOST", "198.51.100.1\n\x1b[2J")
-    assert session.peer_name(rfd) == "198.51.100.1\\x0a\\x1b[2J"  # escaped, never raw
+    assert transport.peer_name(rfd) == "198.51.100.1\\x0a\\x1b[2J"  # escaped, never raw
     os.close(rfd)
     os.close(wfd)
     a, b = socket.socketpair()
-    assert session.peer_name(a.fileno()) == "198.51.100.1\\x0a\\x1b[2J"  # a Unix socket has no address
+    assert transport.peer_name(a.fileno()) == "198.51.100.1\\x0a\\x1b[2J"  # a Unix socket has no address
     monkeypatch.delenv("REMOTE_HOST")
-    assert session.peer_name(a.fileno()) == "local"
+    assert transport.peer_name(a.fileno()) == "local"
     a.close()
     b.close()
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     monkeypatch.setenv("TCPREMOTEIP", "203.0.113.9")
-    assert session.peer_name(accepted.fileno()) == "127.0.0.1"  # the socket wins over the environment
+    assert transport.peer_name(accepted.fileno()) == "127.0.0.1"  # the socket wins over the environment
     for sock in (listener, client, accepted):
         sock.close()
 
@@ -261,7 +261,7 @@ def test_peer_name_ipv4_mapped() -> None:
         pytest.skip("no dual-stack IPv6 socket here")
     client = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
     accepted, _ = listener.accept()
-    assert session.peer_name(accepted.fileno()) == "127.0.0.1"
+    assert transport.peer_name(accepted.fileno()) == "127.0.0.1"
     for sock in (listener, client, accepted):
         sock.close()
 
