@@ -1,0 +1,82 @@
+"""Big spools (--sizes, MiB): a read session (login+STAT, LIST, UIDL, RETR all, QUIT, peak RSS, CPU)
+and the three updates (DELE last, all, 1, each + QUIT), per size, every server interleaved."""
+
+from __future__ import annotations
+
+import statistics
+
+from benchlib.context import Context
+from benchlib.results import spread
+from benchlib.sessions import read_session, update_session
+from benchlib.spools import Spool
+from benchlib.verify import VerifyError
+
+# read_session's key -> (figure, unit)
+READ_FIGURES = {
+    "pass_s": ("PASS→+OK", "s"),
+    "login_stat_s": ("login+STAT", "s"),
+    "stat_s": ("STAT", "s"),
+    "list_s": ("LIST all", "s"),
+    "uidl_s": ("UIDL all", "s"),
+    "retr_mbps": ("RETR all", "MB/s"),
+    "quit_s": ("QUIT (nothing deleted)", "s"),
+    "rss_mb": ("peak RSS", "MB"),
+    "cpu_s": ("CPU (read session)", "s"),
+}
+# update_session's `which` -> figure, in the order they run
+UPDATE_FIGURES = {"last": "DELE last + QUIT", "all": "DELE all + QUIT", "first": "DELE 1 + QUIT"}
+
+
+def run(ctx: Context) -> None:
+    small = ctx.small_spool()
+    for mib in [float(x) for x in ctx.args.sizes.split(",") if x]:
+        spool = ctx.spool(mib)
+        label = f"{mib:g} MiB"
+        for s in ctx.servers:
+            ctx.place(spool, [s])
+            s.forget()
+        first_logins(ctx, spool, label)
+        reads(ctx, spool, label)
+        updates(ctx, spool, label)
+        ctx.place(small)  # free the big copies' page cache share
+
+
+def first_logins(ctx: Context, spool: Spool, label: str) -> None:
+    """A server that builds an index on its first login (Dovecot): that login reported apart."""
+    for s in ctx.servers:
+        if s.indexes:
+            try:
+                value = read_session(s, spool, retr=False)["login_stat_s"]
+                ctx.res.add(f"{label}: first login+STAT (index build)", s.name, value, "s")
+            except VerifyError as e:
+                ctx.res.fail(f"{label} first login [{s.name}]", e)
+
+
+def reads(ctx: Context, spool: Spool, label: str) -> None:
+    got = ctx.interleaved(ctx.args.rounds, lambda s: read_session(s, spool), f"{label} read")
+    for name, rows in got.items():
+        if not rows:
+            continue
+        for key, (metric, unit) in READ_FIGURES.items():
+            values = [r[key] for r in rows if key in r]
+            if values:
+                ctx.res.add(
+                    f"{label}: {metric}",
+                    name,
+                    statistics.median(values),
+                    unit,
+                    **spread(values),
+                    messages=spool.count,
+                )
+
+
+def updates(ctx: Context, spool: Spool, label: str) -> None:
+    for which, metric in UPDATE_FIGURES.items():
+        got = ctx.interleaved(
+            max(1, ctx.args.rounds - 1),
+            lambda s, w=which: update_session(s, spool, ctx.owner, w),
+            f"{label} {metric}",
+        )
+        for name, values in got.items():
+            if values:
+                ctx.res.add(f"{label}: {metric}", name, statistics.median(values), "s", **spread(values))
