@@ -7,6 +7,7 @@ by one octet must be caught.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pwd
@@ -24,8 +25,11 @@ from tests.conftest import IS_ROOT, ROOT, RUN_AS
 BENCH = ROOT / "scripts" / "bench"
 sys.path.append(str(ROOT / "scripts"))  # benchlib, the benchmark's modules (not in the pop3d package)
 
+from benchlib.context import Context  # noqa: E402
+from benchlib.phases import spool_sizes  # noqa: E402
+from benchlib.results import Results  # noqa: E402
 from benchlib.servers.base import CLEAN_ENV, inetd_launcher  # noqa: E402
-from benchlib.servers.pop3d import Pop3d  # noqa: E402
+from benchlib.servers.pop3d import Pop3d, Pop3dCommand, bcrypt_hash  # noqa: E402
 from benchlib.sessions import read_session  # noqa: E402
 from benchlib.spools import generate_spool, place_spool  # noqa: E402
 from benchlib.verify import VerifyError  # noqa: E402
@@ -96,39 +100,66 @@ def test_quick_run_verifies_every_session(work: Path) -> None:
     assert "| 2 MiB: login+STAT |" in table and run.stdout.count(table) == 1  # printed as written
 
 
-@pytest.mark.skipif(
+@pytest.fixture
+def pop3d(work: Path) -> Iterator[Pop3d]:
+    """pop3d of this checkout, as scripts/bench starts it, with the benchmark's user and password."""
+    owner = pwd.getpwnam(RUN_AS) if IS_ROOT else None
+    found = Pop3dCommand(
+        [sys.executable, "-m", "pop3d"], dict(CLEAN_ENV, PYTHONPATH=str(ROOT)), sys.executable, ""
+    )
+    server = Pop3d(inetd_launcher(), found.command, found.env, work, owner)
+    try:
+        server.set_password(bcrypt_hash(found))
+        yield server
+    finally:
+        server.stop()
+
+
+needs_launcher = pytest.mark.skipif(
     not (shutil.which("tcpserver") or shutil.which("socat")), reason="needs tcpserver or socat"
 )
-def test_a_wrong_answer_is_caught(work: Path) -> None:
+
+
+@needs_launcher
+def test_a_wrong_answer_is_caught(work: Path, pop3d: Pop3d) -> None:
     """One changed octet in a message body (same size), then one added octet: both are reported."""
     spool = generate_spool(work / "spool", 0.2, seed=3)
     owner = pwd.getpwnam(RUN_AS) if IS_ROOT else None
-    env = dict(CLEAN_ENV, PYTHONPATH=str(ROOT))
-    server = Pop3d(inetd_launcher(), [sys.executable, "-m", "pop3d"], env, work, owner)
-    try:
-        hashed = subprocess.run(
-            [sys.executable, "-c", "from pop3d import auth; print(auth.hash_password('bench pass 1'))"],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        server.set_password(hashed)
-        place_spool(spool, server.spool_path(), owner)
-        assert read_session(server, spool)["retr_mbps"] > 0  # the honest spool passes
-        server.settle()
+    place_spool(spool, pop3d.spool_path(), owner)
+    assert read_session(pop3d, spool)["retr_mbps"] > 0  # the honest spool passes
+    pop3d.settle()
 
-        data = bytearray(server.spool_path().read_bytes())
-        body = spool.offsets[2] + (spool.offsets[3] - spool.offsets[2]) // 2
-        data[body] = ord("#") if data[body] != ord("#") else ord("%")
-        rewrite(server.spool_path(), bytes(data))
-        with pytest.raises(VerifyError, match="RETR 3: the bytes differ"):
-            read_session(server, spool)
-        server.settle()
+    data = bytearray(pop3d.spool_path().read_bytes())
+    body = spool.offsets[2] + (spool.offsets[3] - spool.offsets[2]) // 2
+    data[body] = ord("#") if data[body] != ord("#") else ord("%")
+    rewrite(pop3d.spool_path(), bytes(data))
+    with pytest.raises(VerifyError, match="RETR 3: the bytes differ"):
+        read_session(pop3d, spool)
+    pop3d.settle()
 
-        data.insert(body, ord("x"))
-        rewrite(server.spool_path(), bytes(data))
-        with pytest.raises(VerifyError, match=r"STAT|LIST 3"):
-            read_session(server, spool)
-    finally:
-        server.stop()
+    data.insert(body, ord("x"))
+    rewrite(pop3d.spool_path(), bytes(data))
+    with pytest.raises(VerifyError, match=r"STAT|LIST 3"):
+        read_session(pop3d, spool)
+
+
+@needs_launcher
+def test_an_empty_spool_is_measured_without_a_false_failure(work: Path, pop3d: Pop3d) -> None:
+    """--sizes 0 (reported: its DELE checks failed and the run exited 1): an empty spool's login,
+    STAT, LIST and UIDL are measured and verified; RETR and the updates, which need a message, are
+    rows marked skipped."""
+    args = argparse.Namespace(sizes=[0.0], rounds=2, seed=7)
+    res = Results(work, "test")
+    owner = pwd.getpwnam(RUN_AS) if IS_ROOT else None
+    ctx = Context(args, res, work, [pop3d], None, pop3d, owner, sys.executable, pop3d.env)
+    spool_sizes.run(ctx)
+    assert res.failures == []
+    rows = {r["metric"]: r for r in res.records}
+    for figure in ("login+STAT", "LIST all", "UIDL all", "QUIT (nothing deleted)"):
+        assert rows[f"0 MiB: {figure}"]["value"] > 0 and rows[f"0 MiB: {figure}"]["messages"] == 0
+    for figure in ("RETR all", "DELE last + QUIT", "DELE all + QUIT", "DELE 1 + QUIT"):
+        assert rows[f"0 MiB: {figure}"]["value"] is None and "empty" in rows[f"0 MiB: {figure}"]["skipped"]
+    assert pop3d.spool_path().stat().st_size > 0  # the small spool is back in place
 
 
 def rewrite(path: Path, data: bytes) -> None:

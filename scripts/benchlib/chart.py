@@ -23,7 +23,7 @@ def draw_chart(res: Results, path: Path) -> None:
     series: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for rec in res.records:
         m = re.match(r"([\d.]+) MiB: (login\+STAT|RETR all)$", str(rec["metric"]))
-        if m and rec["value"]:
+        if m and rec["value"] and float(m.group(1)) > 0:  # a log axis has no place for an empty spool
             series.setdefault((m.group(2), str(rec["server"])), []).append((float(m.group(1)), rec["value"]))
     if not series:
         print("# no chart: no spool-size figures", flush=True)

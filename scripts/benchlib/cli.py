@@ -61,6 +61,13 @@ def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes, args.tiny, args.poplib_mib = "2", 2000, 0.5
         args.connections, args.sessions, args.rounds, args.no_peers = 6, 3, 1, True
         args.schemes = "bcrypt"
+    sizes = args.sizes
+    try:  # checked before anything starts; a list of MiB from here on
+        args.sizes = [float(x) for x in sizes.split(",") if x]
+    except ValueError:
+        p.error(f"--sizes {sizes}: spool sizes are numbers of MiB, comma-separated")
+    if [mib for mib in args.sizes if not mib >= 0]:  # also NaN
+        p.error(f"--sizes {sizes}: a spool size cannot be negative")
     return args
 
 

@@ -47,7 +47,8 @@ def read_session(server: Server, spool: Spool, retr: bool = True) -> dict[str, f
     """PASS, STAT, LIST, UIDL, RETR of every message (verified), usage sampled before QUIT.
 
     Returns seconds for pass_s, stat_s, login_stat_s, list_s, uidl_s, quit_s (and retr_s, with
-    retr_mbps, when asked to retrieve); the session's rss_mb and cpu_s when known.
+    retr_mbps, when asked to retrieve and there are messages); the session's rss_mb and cpu_s
+    when known.
     """
     out: dict[str, float] = {}
     c = Pop3Client(server.port)
@@ -69,7 +70,7 @@ def read_session(server: Server, spool: Spool, retr: bool = True) -> dict[str, f
     uids = check_listing("UIDL", c.multi(b"UIDL"), spool)
     out["uidl_s"] = time.perf_counter() - t0
     check_uids(uids)
-    if retr:
+    if retr and spool.count:  # an empty spool has no throughput to measure
         t0 = time.perf_counter()
         total = 0
         for n in range(1, spool.count + 1):
@@ -91,7 +92,10 @@ def read_session(server: Server, spool: Spool, retr: bool = True) -> dict[str, f
 
 
 def update_session(server: Server, spool: Spool, owner: pwd.struct_passwd | None, which: str) -> float:
-    """A fresh spool copy; DELE (1, last or all, pipelined) then QUIT, timed to QUIT's reply; verified."""
+    """A fresh spool copy; DELE (1, last or all, pipelined) then QUIT, timed to QUIT's reply; verified.
+
+    The spool must hold a message (there is nothing to delete in an empty one).
+    """
     dest = server.spool_path()
     place_spool(spool, dest, owner)
     server.forget()

@@ -25,11 +25,13 @@ READ_FIGURES = {
 }
 # update_session's `which` -> figure, in the order they run
 UPDATE_FIGURES = {"last": "DELE last + QUIT", "all": "DELE all + QUIT", "first": "DELE 1 + QUIT"}
+# --sizes 0: the most common poll finds an empty spool, but there is nothing to retrieve or delete
+EMPTY = "an empty spool: no message to retrieve or delete"
 
 
 def run(ctx: Context) -> None:
     small = ctx.small_spool()
-    for mib in [float(x) for x in ctx.args.sizes.split(",") if x]:
+    for mib in ctx.args.sizes:
         spool = ctx.spool(mib)
         label = f"{mib:g} MiB"
         for s in ctx.servers:
@@ -68,10 +70,16 @@ def reads(ctx: Context, spool: Spool, label: str) -> None:
                     **spread(values),
                     messages=spool.count,
                 )
+            elif key == "retr_mbps" and not spool.count:
+                ctx.res.add(f"{label}: {metric}", name, None, unit, skipped=EMPTY)
 
 
 def updates(ctx: Context, spool: Spool, label: str) -> None:
     for which, metric in UPDATE_FIGURES.items():
+        if not spool.count:
+            for s in ctx.servers:
+                ctx.res.add(f"{label}: {metric}", s.name, None, "s", skipped=EMPTY)
+            continue
         got = ctx.interleaved(
             max(1, ctx.args.rounds - 1),
             lambda s, w=which: update_session(s, spool, ctx.owner, w),
