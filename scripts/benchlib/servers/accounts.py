@@ -22,22 +22,15 @@ def ensure_account(create: bool) -> pwd.struct_passwd | None:
         pass
     if not create or os.geteuid() != 0:
         return None
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--home-dir",
-            "/nonexistent",
-            "--user-group",
-            USER,
-        ],
-        check=True,
-    )
-    print(f"# created system account {USER}", flush=True)
+    add_system_account(USER, "/nonexistent")
     return pwd.getpwnam(USER)
+
+
+def add_system_account(name: str, home: str) -> None:
+    """A system account and its group, no login shell (as root)."""
+    argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--home-dir", home]
+    subprocess.run([*argv, "--user-group", name], check=True)
+    print(f"# created system account {name}", flush=True)
 
 
 def set_system_password() -> None:

@@ -10,9 +10,9 @@ import argparse
 import os
 import pwd
 import shutil
-import subprocess
 from pathlib import Path
 
+from benchlib.servers.accounts import add_system_account
 from benchlib.servers.base import PeerSetup, PeerUnavailable, Server, free_port, inetd_command
 
 NAME = "popa3d"
@@ -51,19 +51,5 @@ def prepare_popa3d() -> None:
     try:
         pwd.getpwnam("popa3d")
     except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--home-dir",
-                "/var/lib/popa3d",
-                "--user-group",
-                "popa3d",
-            ],
-            check=True,
-        )
-        print("# created system account popa3d", flush=True)
+        add_system_account("popa3d", "/var/lib/popa3d")
     os.makedirs("/var/lib/popa3d", mode=0o755, exist_ok=True)
