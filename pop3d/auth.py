@@ -1,8 +1,10 @@
-"""Authentication adapter: user-name validation, htpasswd files, password hashing.
+"""Authentication adapter: htpasswd files, system accounts, password hashing.
 
-Each connection is a fresh process, so import cost is latency: at load time this module imports
-only `os`, `stat` and `limits`. crypt(3), bcrypt and the one passlib handler a hash needs are
-imported when a password is checked (never `passlib.apache`: ~80 ms). Knows nothing of POP3.
+The user-name rule lives in `names` (with the file names derived from a name) and is re-exported
+here as `valid_username`. Each connection is a fresh process, so import cost is latency: at load
+time this module imports only `os`, `stat`, `limits` and `names`. crypt(3), bcrypt and the one
+passlib handler a hash needs are imported when a password is checked (never `passlib.apache`:
+~80 ms). Knows nothing of POP3.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import stat
 
 from pop3d import limits
+from pop3d.names import valid_username
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,8 +28,6 @@ __all__ = [
     "valid_username",
 ]
 
-# Conservative on purpose: a name reaches paths (%u), log lines and PAM.
-_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-@+"
 # A hash field is printable ASCII without space or ':' (anything else is a malformed line).
 _HASH_CHARS = bytes(c for c in range(0x21, 0x7F) if c != 0x3A)
 _SALT_CHARS = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -95,22 +96,6 @@ class Account:
 
     def __repr__(self) -> str:
         return f"Account({self.name!r}, uid={self.uid}, gid={self.gid}, home={self.home!r})"
-
-
-def valid_username(raw: bytes) -> str | None:
-    """The name as str if safe to use in a path, a log line or a PAM call, else None.
-
-    ASCII letters, digits and `._-@+` only, 1..MAX_USERNAME octets, no leading `-` (option
-    injection) or `.` (hidden files, `..`), no `..` anywhere. Everything else, including NUL,
-    controls, spaces, `/` and non-ASCII, is refused; the caller answers it like a bad password.
-    """
-    if not 0 < len(raw) <= limits.MAX_USERNAME:
-        return None
-    if raw.translate(None, _NAME_CHARS):  # something outside the set is left over
-        return None
-    if raw[:1] in (b"-", b".") or b".." in raw:
-        return None
-    return raw.decode("ascii")
 
 
 class HtpasswdAuthenticator:

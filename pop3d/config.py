@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from pop3d import limits
+from pop3d import limits, names
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,6 +94,10 @@ def _mailbox(key: str, value: str) -> str:
         raise ConfigError(f"{key}: {value!r} must contain %u or %h (one maildrop per user)")
     if not value.startswith(("/", "%h")):
         raise ConfigError(f"{key}: {value!r} must be an absolute path")
+    try:
+        names.check_template(value)
+    except names.ReservedNameError as e:
+        raise ConfigError(f"{key}: {e}") from None
     return value
 
 

@@ -47,6 +47,8 @@ MAX_HTPASSWD_BYTES = 16 * 1024 * 1024
 BCRYPT_COST = 10
 # auth: sha512-crypt rounds for new hashes: ~25 ms in C here; glibc's 5000 (~1 ms) is too cheap.
 SHA512_CRYPT_ROUNDS = 100_000
+# locking: a dotlock larger than this is no lock (a pid and a host name fit); it is never broken.
+DOTLOCK_MAX_SIZE = 256
 # locking: first pause between lock rounds (an MDA's append usually takes milliseconds).
 LOCK_RETRY_MIN = 0.05
 # locking: longest pause between lock rounds (doubling from the minimum; a freed lock is seen fast).

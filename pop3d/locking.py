@@ -23,7 +23,7 @@ import os
 import stat
 import time
 
-from . import limits
+from . import limits, names
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -56,6 +56,42 @@ def _host_tag() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
 
 
+def _read_lock(lock_path: str) -> tuple[os.stat_result, bytes | None]:
+    """The dotlock's status and content, the content None unless it looks like a lock.
+
+    A lock is a regular file of at most `limits.DOTLOCK_MAX_SIZE` octets holding nothing (Postfix,
+    whose locks are mode 000, and Exim; any lock after a power cut), a pid (liblockfile,
+    procmail's "0"), or a pid, `:` and a host name (Dovecot, pop3d), each with an optional final
+    newline. A non-empty file we cannot read is not judged: None.
+    """
+    st = os.lstat(lock_path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limits.DOTLOCK_MAX_SIZE:
+        return st, None
+    if st.st_size == 0:
+        return st, b""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        return st, None
+    try:
+        st = os.fstat(fd)
+        content = os.pread(fd, limits.DOTLOCK_MAX_SIZE + 1, 0)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or _lock_owner(content) is None:
+        return st, None
+    return st, content
+
+
+def _lock_owner(content: bytes) -> tuple[int, str] | None:
+    """(pid, host) written in a lock (0 and "" where absent), or None if it is no lock content."""
+    line = content[:-1] if content.endswith(b"\n") else content
+    pid, colon, host = line.partition(b":")
+    if b"\n" in line or b"\0" in line or (pid and not pid.isdigit()) or (colon and not (pid and host)):
+        return None
+    return int(pid or b"0"), host.decode("ascii", "surrogateescape")
+
+
 class MailboxLock:
     """The configured locks on one mailbox: acquire with a bounded wait, refresh, verify, release.
 
@@ -68,6 +104,7 @@ class MailboxLock:
         "_dot_content",
         "_dot_fd",
         "_dot_id",
+        "_doubted",
         "_held",
         "_log",
         "busy_method",
@@ -95,7 +132,7 @@ class MailboxLock:
         if len(set(methods)) != len(methods):
             raise ValueError(f"lock method listed twice: {methods!r}")
         self.path = path
-        self.lock_path = path + ".lock"
+        self.lock_path = names.dotlock(path)
         self.fd = fd
         self.methods = methods
         self.timeout = float(timeout)
@@ -107,6 +144,7 @@ class MailboxLock:
         self._dot_content = b""
         self.busy_method = ""  # which lock was busy in the last failed round (for the log)
         self._acquired = False
+        self._doubted = False  # logged once: a file at the dotlock's name that is no lock
 
     # ------------------------------------------------------------------ acquire
 
@@ -154,9 +192,8 @@ class MailboxLock:
 
     def _try_dotlock(self) -> bool:
         directory = os.path.dirname(self.lock_path) or "."
-        base = os.path.basename(self.lock_path)
-        suffix = f".{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}"
-        tmp = os.path.join(directory, "." + base[: 250 - len(suffix)] + suffix)
+        tag = f"{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp = names.own(self.path, f"{names.DOTLOCK_TEMP}-{tag}")
         content = b"%d\n" % os.getpid()
         for _ in range(2):  # a second try right after breaking a stale lock
             try:
@@ -203,13 +240,24 @@ class MailboxLock:
         return LockError(f"cannot create dotlock {self.lock_path}: {e.strerror or e}")
 
     def _break_if_stale(self, fs_now: float) -> bool:
-        """Remove a dotlock untouched for longer than `stale`; True if the lock name is free now."""
+        """Remove a dotlock untouched for longer than `stale`; True if the lock name is free now.
+
+        Only a file that looks like a lock is ever removed (see `_read_lock`): a file holding
+        mail at that name stays, and the maildrop stays locked until someone looks at it.
+        """
         try:
-            st = os.lstat(self.lock_path)
+            st, content = _read_lock(self.lock_path)
         except FileNotFoundError:
             return True
+        except OSError:
+            return False
+        if content is None:
+            if not self._doubted:
+                self._doubted = True
+                self._log(f"{self.lock_path} is not a lock file (type, size or content): left alone")
+            return False
         age = fs_now - st.st_mtime
-        if age <= self.stale or not stat.S_ISREG(st.st_mode):
+        if age <= self.stale:
             return False
         # Re-check just before unlinking: another breaker may have replaced it meanwhile.
         try:

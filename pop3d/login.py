@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from pop3d import auth, log, privs, protocol
+from pop3d import auth, log, names, privs, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,21 +46,15 @@ class LoginRefused(Exception):
 
 
 def expand_mailbox(template: str, user: str, home: str | None) -> str:
-    """The maildrop path from the `mailbox` template: %u user, %h home directory, %% a percent."""
+    """The maildrop path from the `mailbox` template: %u user, %h home directory, %% a percent.
+
+    Refused if its file name is reserved (a dotlock, a temporary: see `names`)."""
     if "%h" in template and not home:
         raise LoginRefused("mailbox template uses %h but the account has no home directory")
-    out = []
-    i = 0
-    while i < len(template):
-        char = template[i]
-        if char == "%" and i + 1 < len(template):
-            code = template[i + 1]
-            out.append({"u": user, "h": home or "", "%": "%"}.get(code, "%" + code))
-            i += 2
-        else:
-            out.append(char)
-            i += 1
-    return "".join(out)
+    try:
+        return names.spool_path(template, user, home)
+    except names.ReservedNameError as e:
+        raise LoginRefused(str(e)) from None
 
 
 def authenticate(config: Config, raw_user: bytes, password: bytes, peer: str) -> auth.Account | bytes:

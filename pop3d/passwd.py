@@ -143,7 +143,8 @@ def run(argv: list[str]) -> int:
     if user is None:
         raise PasswdError(
             f"{args.user!r}: a user name is 1-64 of A-Z a-z 0-9 . _ - @ +, "
-            "not starting with '-' or '.', without '..'",
+            "not starting with '-' or '.', without '..', not ending in '.lock' "
+            "nor containing '.lock.' (the names of mailbox locks)",
             EX_DATAERR,
         )
     path = os.path.abspath(args.file)

@@ -16,13 +16,12 @@ import os
 import stat
 import time
 
-from . import limits
+from . import limits, names
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
-JOURNAL_SUFFIX = ".pop3d-journal"
 STOP_AFTER_ENV = "POP3D_TEST_UPDATE_STOP_AFTER"
 
 _JOURNAL_MAGIC = b"pop3d journal v2"  # 16 bytes
@@ -420,12 +419,15 @@ def rewrite(
     S: int,
     log: Callable[[str], None],
     checks: Sequence[int] = (),
+    replaces: tuple[int, int] | None = None,
 ) -> None:
     """Make the spool spool[0:P] + the extents' bytes, in place and crash-safe.
 
     `S` is the spool's current size; every extent lies in [P, S), in ascending order.
     `checks`: From_ line offsets inside the extents to verify while reading them (before the
-    commit point): ChangedError, and nothing happened, if one moved.
+    commit point): ChangedError, and nothing happened, if one moved. `replaces`: (st_dev,
+    st_ino) of the journal this update's own replaces at its commit (a chained update); any
+    other file at the journal's name aborts the update, untouched.
     """
     T = sum(length for _, length in extents)
     N = P + T
@@ -450,19 +452,19 @@ def rewrite(
     journal = _Journal(os.fstat(fd).st_ino, P, N, S, J, m, b"\0" + os.urandom(_NONCE_LEN - 1), 0, extents, 0)
     journal.data_off = -(-_Journal.header_length(len(extents)) // _ALIGN) * _ALIGN
     need = journal.data_off + J
-    jpath = path + JOURNAL_SUFFIX
-    tpath = jpath + ".tmp"
+    jpath = names.journal(path)
+    tpath = names.journal_temp(path)
     try:
         vfs = os.fstatvfs(fd)
         if vfs.f_bavail * vfs.f_frsize < need:
             raise OSError(errno.ENOSPC, f"the journal needs {need} bytes, the file system has less")
-        _unlink_quiet(tpath)
-        jfd = os.open(tpath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        jfd = _create_temp(path, tpath, log)
     except OSError as e:
         raise UpdateError(f"{path}: update aborted, nothing deleted: {_why(e)}") from e
     committed = done = False
     try:
         try:
+            _pwrite_all(jfd, _JOURNAL_MAGIC, 0)  # from now on `_drop_temp` can tell it is ours
             try:
                 os.posix_fallocate(jfd, 0, need)  # reserve: no ENOSPC/EDQUOT once we are writing
             except OSError as e:
@@ -477,6 +479,7 @@ def rewrite(
             _step(1)
             os.fsync(jfd)
             _step(2)
+            _check_free(jpath, replaces)
             os.rename(tpath, jpath)  # the commit point: from here on the update is redone, never lost
             committed = True
             _fsync_dir(path)
@@ -542,7 +545,7 @@ def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None]
         if not marked and size >= j.N and _crc([(fd, j.P, j.N - j.P)]) == j.crc:
             # Truncated already (whatever follows N was appended afterwards), or never needed.
             os.fsync(fd)
-            os.unlink(path + JOURNAL_SUFFIX)
+            os.unlink(names.journal(path))
             _fsync_dir(path)
             return "it had already been completed"
         try:
@@ -574,28 +577,27 @@ def _apply(fd: int, jfd: int, j: _Journal, path: str, log: Callable[[str], None]
     if size > j.S:
         # Appended (by a writer ignoring the locks) during the update or after a crash: keep it.
         log(f"{path}: {size - j.S} bytes appended during the update; kept")
-        rewrite(fd, path, j.N, [(j.S, size - j.S)], size, log)
+        rewrite(fd, path, j.N, [(j.S, size - j.S)], size, log, replaces=_identity(os.fstat(jfd)))
         return "completed; mail appended meanwhile kept"
     os.ftruncate(fd, j.N)
     os.fsync(fd)
     _step(7)
-    os.unlink(path + JOURNAL_SUFFIX)
+    os.unlink(names.journal(path))
     _fsync_dir(path)
     _step(8)
     return "completed"
 
 
 def recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
-    """Under the lock, before scanning: finish an update a crash interrupted."""
-    jpath = path + JOURNAL_SUFFIX
-    tpath = jpath + ".tmp"
-    try:
-        os.unlink(tpath)
-        log(f"{path}: removed an uncommitted update journal (the spool was never touched)")
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log(f"{path}: cannot remove {tpath}: {_why(e)}")
+    """Under the lock, before scanning: finish an update a crash interrupted.
+
+    Touches only files it has proved are pop3d's (see `_ours`): the temporary journal of an
+    update that never committed is deleted, a journal is completed or put aside; a file of any
+    other kind at those names is logged and left alone.
+    """
+    _drop_temp(path, names.journal_temp(path), log)
+    _adopt_legacy(path, log)
+    jpath = names.journal(path)
     try:
         jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -606,11 +608,7 @@ def recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
             return
         raise UpdateError(f"{path}: cannot open update journal {jpath}: {_why(e)}") from e
     try:
-        st = os.fstat(jfd)
-        owners = {0, os.geteuid()}  # root's files cannot be planted by a member of group mail
-        if fd is not None:
-            owners.add(os.fstat(fd).st_uid)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in owners or st.st_mode & 0o022:
+        if not _ours(os.fstat(jfd)):
             log(f"{path}: ignoring {jpath}: not a journal pop3d wrote (type, links, owner or mode)")
             return
         try:
@@ -621,18 +619,10 @@ def recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
                 raise _UnusableJournalError("the spool was replaced (another inode)")
             outcome = _apply(fd, jfd, journal, path, log, recovering=True)
         except _OldJournalError as e:
-            # Its update may be half done: serving or updating the spool now could lose mail.
-            raise UpdateError(
-                f"{path}: {jpath} is {e}, which this version cannot complete: the spool may be "
-                "half updated and is not served; complete it with the pop3d that wrote it, or "
-                "check the spool by hand and remove the journal"
-            ) from None
+            raise _old_journal_error(path, jpath, e) from None
         except _UnusableJournalError as e:
-            aside = f"{jpath}.unusable-{int(time.time())}"
-            try:
-                os.rename(jpath, aside)
-            except OSError:
-                aside = jpath
+            # At a name only pop3d uses, owned and written as pop3d writes: ours, kept for the admin.
+            aside = _put_aside(path, jpath, jfd)
             log(f"{path}: an interrupted update cannot be completed: {e}; journal kept as {aside}")
             return
         except OSError as e:
@@ -642,3 +632,144 @@ def recover(fd: int | None, path: str, log: Callable[[str], None]) -> None:
         log(f"{path}: interrupted update recovered from its journal: {outcome}")
     finally:
         os.close(jfd)
+
+
+def _old_journal_error(path: str, jpath: str, e: _OldJournalError) -> UpdateError:
+    # Its update may be half done: serving or updating the spool now could lose mail.
+    return UpdateError(
+        f"{path}: {jpath} is {e}, which this version cannot complete: the spool may be "
+        "half updated and is not served; complete it with the pop3d that wrote it, or "
+        "check the spool by hand and remove the journal"
+    )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _ours(st: os.stat_result) -> bool:
+    """A file as pop3d leaves its journals: regular, one link, owned by a uid pop3d writes as,
+    no group or other write permission (not a file planted by another member of group mail)."""
+    owners = {0, os.geteuid()}  # root's files cannot be planted by a member of group mail
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in owners and not st.st_mode & 0o022
+
+
+def _drop_temp(path: str, tpath: str, log: Callable[[str], None]) -> bool:
+    """Delete the temporary journal of an update that never committed, once proved ours.
+
+    Proof: `_ours`, and either empty (created, nothing written yet) or opening with the journal
+    magic, written right after its creation. True if the name is free now.
+    """
+    try:
+        tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        log(f"{path}: {tpath} is not a temporary journal pop3d wrote ({_why(e)}); left alone")
+        return False
+    try:
+        st = os.fstat(tfd)
+        proved = _ours(st) and (st.st_size == 0 or os.pread(tfd, len(_JOURNAL_MAGIC), 0) == _JOURNAL_MAGIC)
+        if not proved:
+            log(f"{path}: {tpath} is not a temporary journal pop3d wrote; left alone")
+            return False
+        try:
+            if _identity(os.lstat(tpath)) != _identity(st):
+                log(f"{path}: {tpath} was replaced while being checked; left alone")
+                return False
+            os.unlink(tpath)
+        except FileNotFoundError:
+            return True
+        log(f"{path}: removed an uncommitted update journal (the spool was never touched)")
+        return True
+    except OSError as e:
+        log(f"{path}: cannot remove {tpath}: {_why(e)}")
+        return False
+    finally:
+        os.close(tfd)
+
+
+def _create_temp(path: str, tpath: str, log: Callable[[str], None]) -> int:
+    """The temporary journal, created exclusively (a leftover is removed only if proved ours)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(tpath, flags, 0o600)
+    except FileExistsError:
+        if not _drop_temp(path, tpath, log):
+            raise OSError(errno.EEXIST, f"{tpath} exists and is not pop3d's") from None
+    return os.open(tpath, flags, 0o600)
+
+
+def _check_free(jpath: str, replaces: tuple[int, int] | None) -> None:
+    """Before the commit's rename: nothing but the journal it replaces may sit at its name
+    (rename would delete it). A file planted there meanwhile aborts the update instead."""
+    try:
+        st = os.lstat(jpath)
+    except FileNotFoundError:
+        return
+    if replaces is None or _identity(st) != replaces:
+        raise OSError(errno.EEXIST, f"{jpath} exists and is not this update's journal")
+
+
+def _put_aside(path: str, jpath: str, jfd: int) -> str:
+    """Rename our journal to a new name in pop3d's namespace (never over a file); its new name,
+    or `jpath` if it stays (a failure here loses nothing: it is retried at the next open)."""
+    aside = names.unusable_journal(path, f"{int(time.time())}-{os.getpid()}")
+    try:
+        os.lstat(aside)
+        return jpath
+    except FileNotFoundError:
+        pass
+    try:
+        if _identity(os.lstat(jpath)) != _identity(os.fstat(jfd)):
+            return jpath
+        os.rename(jpath, aside)
+    except OSError:
+        return jpath
+    return aside
+
+
+def _adopt_legacy(path: str, log: Callable[[str], None]) -> None:
+    """Move the journal an earlier pop3d left at `<spool>.pop3d-journal` to pop3d's namespace.
+
+    That name is reachable by a user name (`alice.pop3d-journal` was a valid user), so the file
+    is moved only once proved a pop3d journal: `_ours`, a whole header (magic and SHA-256) for
+    this spool's inode. Anything else there (another user's spool) is not touched; an earlier
+    format still refuses the maildrop (see `recover`). Its temporary (`.tmp`) was never
+    committed and cannot be proved ours: it is left alone.
+    """
+    legacy = names.legacy_journal(path)
+    try:
+        lfd = os.open(legacy, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # missing, a symbolic link, unreadable: not ours to judge
+    try:
+        st = os.fstat(lfd)
+        if not _ours(st):
+            return
+        try:
+            journal = _Journal.read(lfd)
+        except _OldJournalError as e:
+            raise _old_journal_error(path, legacy, e) from None
+        except _UnusableJournalError:
+            return  # not proved a journal: someone's file
+        try:
+            spool = os.stat(path)
+        except FileNotFoundError:
+            return
+        if journal.ino != spool.st_ino:
+            return
+        jpath = names.journal(path)
+        try:
+            os.lstat(jpath)
+            log(f"{path}: {legacy} left alone: {jpath} exists")
+            return
+        except FileNotFoundError:
+            pass
+        os.rename(legacy, jpath)
+        _fsync_dir(path)
+        log(f"{path}: journal of an earlier pop3d moved from {legacy} to {jpath}")
+    except OSError as e:
+        raise UpdateError(f"{path}: cannot move the journal {legacy}: {_why(e)}") from e
+    finally:
+        os.close(lfd)

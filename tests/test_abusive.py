@@ -14,10 +14,13 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, Pop3Env, mbox_bytes, wait_for
 from hostile import RawClient, leftovers, lock_gone, no_traceback, peak_rss_kib, start
+
+from pop3d import names
 
 MIB = 1 << 20
 
@@ -320,7 +323,7 @@ def test_sigterm_during_the_update_lets_it_finish(env: Pop3Env) -> None:
     assert client.login().startswith(b"+OK")
     assert client.cmd(b"DELE 1").startswith(b"+OK")  # the journalled update moves ~48 MB
     client.send(b"QUIT")
-    journal = env.spool_dir / "alice.pop3d-journal"
+    journal = Path(names.journal(str(env.spool_path())))
     saw_journal = wait_for(journal.exists, timeout=10, interval=0.001)
     assert client.proc is not None
     client.proc.send_signal(signal.SIGTERM)

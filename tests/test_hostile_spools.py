@@ -11,11 +11,14 @@ import os
 import pwd
 import socket
 import stat
+from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, RUN_AS, Pop3Env, mbox_bytes, sample_messages
 from fuzz.fuzz_mbox import reference, sent_form, top_content
 from hostile import RawClient, leftovers, lock_gone, no_traceback, peak_rss_kib, sparse_file, start
+
+from pop3d import names
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -187,7 +190,7 @@ def test_planted_journal_does_not_touch_the_spool(env: Pop3Env, magic: bytes) ->
     refuses the maildrop ([SYS/TEMP]: its update might be half done). Neither writes a byte."""
     data = mbox_bytes(sample_messages())
     path = env.write_spool(data)
-    journal = env.spool_dir / "alice.pop3d-journal"
+    journal = Path(names.journal(str(env.spool_path())))
     planted = magic + os.urandom(8192)
     journal.write_bytes(planted)
     journal.chmod(0o600)

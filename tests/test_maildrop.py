@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from pop3d import names as pop3d_names
 from pop3d import update as update_module
 from pop3d.maildrop import (
     Maildrop,
@@ -34,7 +35,7 @@ from pop3d.maildrop import (
     MaildropPermError,
     MaildropTempError,
 )
-from pop3d.update import JOURNAL_SUFFIX, STOP_AFTER_ENV
+from pop3d.update import STOP_AFTER_ENV
 
 IS_ROOT = os.geteuid() == 0
 DOTLOCKFILE = shutil.which("dotlockfile")
@@ -759,13 +760,32 @@ def test_sigkill_at_random_instants_loses_nothing(spool_dir: Path, crash_spool: 
 
 
 def test_leftover_temporary_journal_is_discarded(small: tuple[Path, list[bytes]]) -> None:
+    """An update killed before its commit point leaves its temporary journal: the next open
+    deletes it (it proves to be pop3d's), and the spool is as it was."""
     path, messages = small
-    tmp = Path(str(path) + JOURNAL_SUFFIX + ".tmp")
-    tmp.write_bytes(b"half a journal")
+    assert finish(*start_committer(path, {1}, stop_after=2))[0] == 137
+    tmp = Path(pop3d_names.journal_temp(str(path)))
+    assert tmp.exists()
     logs: list[str] = []
-    Maildrop.open(str(path), log=logs.append).close()
+    Maildrop.open(str(path), stale_lock=0, log=logs.append).close()
     assert not tmp.exists() and path.read_bytes() == b"".join(messages)
     assert any("uncommitted" in line for line in logs)
+
+
+@pytest.mark.parametrize("content", [b"half a journal", b"From x Thu Nov 26 10:00:00 2026\n\nmail\n"])
+def test_unproven_temporary_journal_is_left_alone(small: tuple[Path, list[bytes]], content: bytes) -> None:
+    """A file at the temporary journal's name that pop3d cannot prove it wrote (no journal magic)
+    is never deleted: the open logs it, and an update aborts rather than remove it."""
+    path, messages = small
+    tmp = Path(pop3d_names.journal_temp(str(path)))
+    tmp.write_bytes(content)
+    tmp.chmod(0o600)
+    logs: list[str] = []
+    md = Maildrop.open(str(path), log=logs.append)
+    assert tmp.read_bytes() == content and any("left alone" in line for line in logs)
+    with pytest.raises(MaildropTempError, match="nothing deleted"):
+        md.commit(frozenset({1}))
+    assert tmp.read_bytes() == content and path.read_bytes() == b"".join(messages)
 
 
 @pytest.mark.parametrize("where", ["data", "header"])
@@ -778,7 +798,7 @@ def test_torn_journal_is_put_aside_and_spool_untouched(
     path = spool_dir / "alice"
     write_spool(path, original)
     assert finish(*start_committer(path, {0}, stop_after=3))[0] == 137
-    journal = Path(str(path) + JOURNAL_SUFFIX)
+    journal = Path(pop3d_names.journal(str(path)))
     data = bytearray(journal.read_bytes())
     at = len(data) // 2 // 4096 * 4096 if where == "data" else 64
     data[at : at + 4096] = bytes(len(data[at : at + 4096]))
@@ -786,7 +806,7 @@ def test_torn_journal_is_put_aside_and_spool_untouched(
     logs: list[str] = []
     Maildrop.open(str(path), stale_lock=0, log=logs.append).close()
     assert path.read_bytes() == original
-    assert [name for name in names(spool_dir) if ".unusable-" in name]
+    assert [name for name in names(spool_dir) if name.startswith(".pop3d-unusable-")]
     assert any("cannot be completed" in line for line in logs)
 
 
@@ -796,8 +816,8 @@ def test_unusable_journal_is_kept_aside_and_spool_untouched(spool_dir: Path, kin
     path = spool_dir / "alice"
     write_spool(path, b"".join(messages))
     if kind == "garbage":
-        Path(str(path) + JOURNAL_SUFFIX).write_bytes(b"not a journal at all" + os.urandom(5000))
-        os.chmod(str(path) + JOURNAL_SUFFIX, 0o600)
+        Path(pop3d_names.journal(str(path))).write_bytes(b"not a journal at all" + os.urandom(5000))
+        os.chmod(pop3d_names.journal(str(path)), 0o600)
     else:  # a complete journal, but for a spool that has since been replaced
         assert finish(*start_committer(path, {0}, stop_after=4))[0] == 137
         os.unlink(Path(str(path) + ".lock"))
@@ -809,8 +829,26 @@ def test_unusable_journal_is_kept_aside_and_spool_untouched(spool_dir: Path, kin
     with Maildrop.open(str(path), stale_lock=0, log=logs.append) as md:
         assert md.listing.count >= 1
     assert path.read_bytes() == before
-    aside = [name for name in names(spool_dir) if ".unusable-" in name]
+    aside = [name for name in names(spool_dir) if name.startswith(".pop3d-unusable-")]
     assert len(aside) == 1 and any("cannot be completed" in line for line in logs)
+
+
+@pytest.mark.parametrize("step", [3, 5])
+def test_journal_left_by_an_earlier_version_is_completed(
+    spool_dir: Path, crash_spool: list[bytes], step: int
+) -> None:
+    """A journal at `<spool>.pop3d-journal`, where pop3d kept it before its own namespace (same
+    format), is proved a journal for this spool, moved to `.pop3d-journal.<spool>` and completed:
+    an upgrade after a crash loses nothing."""
+    original = b"".join(crash_spool)
+    path = spool_dir / "alice"
+    write_spool(path, original)
+    assert finish(*start_committer(path, {0}, stop_after=step))[0] == 137
+    os.rename(pop3d_names.journal(str(path)), pop3d_names.legacy_journal(str(path)))
+    logs: list[str] = []
+    Maildrop.open(str(path), stale_lock=0, log=logs.append).close()
+    check_recovered(path, original, expected(crash_spool, {0}), must_be_updated=True)
+    assert any("earlier pop3d" in line for line in logs)
 
 
 def test_journal_of_an_older_version_refuses_the_maildrop(spool_dir: Path) -> None:
@@ -819,14 +857,14 @@ def test_journal_of_an_older_version_refuses_the_maildrop(spool_dir: Path) -> No
     messages = make_messages(random.Random(2), 6)
     path = spool_dir / "alice"
     write_spool(path, b"".join(messages))
-    journal = Path(str(path) + JOURNAL_SUFFIX)
+    journal = Path(pop3d_names.journal(str(path)))
     journal.write_bytes(b"pop3d journal v1" + os.urandom(5000))
     os.chmod(journal, 0o600)
     old = journal.read_bytes()
     with pytest.raises(MaildropTempError, match="older pop3d"):
         Maildrop.open(str(path), stale_lock=0)
     assert journal.read_bytes() == old and path.read_bytes() == b"".join(messages)
-    assert names(spool_dir) == {"alice", "alice" + JOURNAL_SUFFIX}  # no lock left behind
+    assert names(spool_dir) == {"alice", journal.name}  # no lock left behind
 
 
 def test_crash_without_fallocate_and_nothing_journalled_is_recovered(
@@ -859,7 +897,7 @@ def test_crash_without_fallocate_and_nothing_journalled_is_recovered(
 @needs_root
 def test_journal_of_a_foreign_owner_is_ignored(small: tuple[Path, list[bytes]]) -> None:
     path, messages = small
-    journal = Path(str(path) + JOURNAL_SUFFIX)
+    journal = Path(pop3d_names.journal(str(path)))
     journal.write_bytes(b"planted")
     os.chown(journal, pwd.getpwnam("nobody").pw_uid, -1)
     logs: list[str] = []
