@@ -247,7 +247,11 @@ def accept(context: ssl.SSLContext, fd: int, timeout: float) -> ssl.SSLSocket:
 
 
 def _describe(error: OSError) -> str:
-    if isinstance(error, ssl.SSLEOFError) or (isinstance(error, ssl.SSLError) and "EOF" in str(error.reason)):
+    # Debian 12's Python 3.11.2 reports a client's EOF mid-handshake as SSLZeroReturnError (later
+    # 3.11 releases: SSLEOFError).
+    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the client closed the connection"
+    if isinstance(error, ssl.SSLError) and "EOF" in str(error.reason):
         return "the client closed the connection"
     if isinstance(error, (ConnectionResetError, BrokenPipeError)):
         return "the client closed the connection"
