@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         conf = cfg.load(args)
+        if os.geteuid() == 0:
+            from pop3d import privs
+
+            privs.check_accounts(conf)
         if conf.tls != "none":
             from pop3d import tls
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pop3d.config import Config
+
 
 class PrivilegeError(Exception):
     """Privileges could not be dropped, or root could be regained: the session must not go on.
@@ -15,6 +19,31 @@ class PrivilegeError(Exception):
     def __init__(self, message: str, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+def check_accounts(config: Config) -> None:
+    """Started as root: the accounts pop3d runs as must exist and not be root (ConfigError).
+
+    At start, not at a login: a login that passed the check must not fail for a reason known
+    in advance (issue 12). `preauth_user` runs the dialogue before login: root parses no client
+    byte, so it cannot be empty. `mail_user` is what htpasswd users' sessions become.
+    """
+    from pop3d.config import ConfigError
+
+    accounts = [("preauth_user", str(config.preauth_user))]
+    if config.auth == "htpasswd":
+        accounts.append(("mail_user", str(config.mail_user)))
+    for key, name in accounts:
+        if not name:
+            raise ConfigError(f"{key} is empty: pop3d started as root needs an unprivileged account here")
+        import pwd
+
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            raise ConfigError(f"{key}: no account {name!r}") from None
+        if uid == 0:
+            raise ConfigError(f"{key}: {name!r} has uid 0; pop3d never serves a client as root")
 
 
 def become(uid: int, gid: int, groups: list[int]) -> None:

@@ -208,7 +208,7 @@ class _Monitor:
                     conn.secure = True
                     self.relay = -1
                     try:
-                        return self._transaction(conn, request, outcome)
+                        return self._transaction(conn, request, outcome, failures)
                     finally:
                         os.close(conn.rfd)  # the relay sees the end, says it to the client, exits
                         self._stop(None)
@@ -217,7 +217,7 @@ class _Monitor:
                 # now; reaped (its exit takes ~1 ms) once the maildrop is open, before the session
                 # reads or writes the connection.
                 _signal(self.pid, signal.SIGKILL)
-                return self._transaction(self.conn, request, outcome, reap=True)
+                return self._transaction(self.conn, request, outcome, failures, reap=True)
         except FrameError as e:
             log.error(f"pre-authentication process: {e}; ending the session")
             self._stop(signal.SIGKILL)
@@ -258,14 +258,24 @@ class _Monitor:
                     pass
         self.rfd = self.wfd = self.relay = -1
 
-    def _transaction(self, conn: Connection, request: _Request, account: object, reap: bool = False) -> int:
+    def _transaction(
+        self, conn: Connection, request: _Request, account: object, failures: int, reap: bool = False
+    ) -> int:
         """The child is out of the way (killed; with `reap`, reaped here before the connection is
-        touched): become the account, open the maildrop, serve the session."""
+        touched): become the account, open the maildrop, serve the session.
+
+        What the client sent after PASS reaches the core only once this process is the account.
+        If the maildrop cannot be opened (before the drop, e.g. `%h` with no home directory, or
+        after it, e.g. [IN-USE]), the core answers the error and closes: root writes that one
+        reply and reads nothing.
+        """
         conn.bytes_in += request.bytes_in
         conn.bytes_out += request.bytes_out
         session = Session(self.config, conn, self.peer)
-        session.core.resume(request.user, request.pending, request.commands)
+        session.core.resume(request.user, request.commands, failures)
         session.open_maildrop(account)  # signals held off until the maildrop is the session's
+        if session.maildrop is not None and request.pending:
+            session.core.receive_data(request.pending)
         # From here a stop signal must go through the session's own ending (no update, every
         # lock released): the reap runs inside it.
         session.run(before=(lambda: self._stop(None)) if reap else None)

@@ -275,19 +275,33 @@ class Pop3Core:
                 return
         self._out += REPLIES[FAILURE_REPLY.get(code, "sys_temp")]
 
-    def resume(self, user: bytes, pending: bytes, commands: int = 0) -> Authenticate:
+    def maildrop_failed(self, code: bytes) -> None:
+        """The credentials were right, but the maildrop cannot be served (IN_USE, SYS_TEMP,
+        SYS_PERM): say why, then close.
+
+        RFC 1939 lets a server close after a failed PASS (Dovecot does, here). The process that
+        holds the session now is root (a failure before its privilege drop) or the account: in
+        neither may an AUTHORIZATION dialogue go on.
+        """
+        self._expect(Authenticate)
+        self._user = None
+        self._out += REPLIES[FAILURE_REPLY.get(code, "sys_temp")]
+        self._close("maildrop-failed")
+
+    def resume(self, user: bytes, commands: int = 0, failures: int = 0) -> Authenticate:
         """Take over a session whose AUTHORIZATION dialogue ran in another process.
 
         Privilege separation: an unprivileged process read USER/PASS, a privileged one accepted
-        them. This core continues as if PASS for `user` had just been received with `pending`
-        (what the client pipelined behind it) still unread; the driver answers the returned
-        request with `auth_succeeded` or `auth_failed`, as for any Authenticate.
+        them. This core continues as if PASS for `user` had just been received, after `commands`
+        commands and `failures` failed logins (the budget is the connection's, not a process's);
+        the driver answers the returned request with `auth_succeeded` or `maildrop_failed`, and
+        feeds what the client sent after PASS with `receive_data` once it may be read.
         """
         request = Authenticate(user, b"")
         self._user = user
         self._awaiting = request
         self.stats["commands"] = commands
-        self._reader.feed(pending)
+        self._auth_failures = failures
         return request
 
     def pending_bytes(self) -> bytes:

@@ -196,6 +196,10 @@ class Server:
 
         try:
             new = cfg.load(self.argv)
+            if os.geteuid() == 0:
+                from pop3d import privs
+
+                privs.check_accounts(new)
             if new.tls != "none":
                 from pop3d import tls
 

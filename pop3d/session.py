@@ -9,6 +9,7 @@ not, implicit TLS), is the drivers' (`dispatch`, `privsep`).
 
 from __future__ import annotations
 
+import os
 import time
 
 from pop3d import limits, log, protocol, wire
@@ -145,6 +146,8 @@ class Session:
                 self._refresh_lock(now)
                 wait = min(deadline - now, self._refresh_every)
                 if self.conn.wait_readable(wait):
+                    if os.geteuid() == 0:  # privsep: root answers, but never reads the client
+                        raise RuntimeError("refusing to read the client as root")
                     data = self.conn.read()
             if data is not None:
                 core.receive_data(data)
@@ -270,9 +273,10 @@ class Session:
 
     def enter_transaction(self, opened: bytes | tuple[str, Maildrop]) -> None:
         """Complete an accepted login: TRANSACTION with the maildrop, or the error ([IN-USE],
-        [SYS/*]). After such an error the process is the account: only it can log in again."""
+        [SYS/*]) and the end of the session: the process is root (a failure before the drop)
+        or the account by then, and neither may go on with the dialogue (issue 12)."""
         if isinstance(opened, bytes):
-            self.core.auth_failed(opened)
+            self.core.maildrop_failed(opened)
             return
         self.user, self.maildrop = opened
         listing = self.maildrop.listing

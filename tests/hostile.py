@@ -57,6 +57,10 @@ class RawClient:
         body = body.replace(b"\r\n.", b"\r\n")
         return body[1:] if body.startswith(b".") else body
 
+    def closed(self) -> bool:
+        """True if the server closed the connection with nothing more to read."""
+        return not self._buf and self.sock.recv(1) == b""
+
     def send(self, line: bytes) -> None:
         self.sock.sendall(line + b"\r\n")
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, PASSWORD, ROOT, Pop3Env, child_env, mbox_bytes
+from conftest import IS_ROOT, PASSWORD, ROOT, Pop3Env, child_env, mbox_bytes, recv_until
+
+from pop3d.cli import CONFIG_ERROR_REPLY
 
 # Modules that cost start-up time and must not be loaded before the greeting is written.
 HEAVY = (
@@ -125,18 +127,31 @@ def test_mboxrd_unquotes_one_level(env: Pop3Env) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: the rule is about sessions started as root")
-def test_root_without_mail_user_refuses_htpasswd_sessions(env: Pop3Env) -> None:
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"mail_user": None}, "mail_user is empty"),
+        ({"mail_user": "root"}, "mail_user: 'root' has uid 0"),
+        ({"mail_user": "p3t-no-such-account"}, "mail_user: no account"),
+        ({"preauth_user": ""}, "preauth_user is empty"),
+        ({"preauth_user": "root"}, "preauth_user: 'root' has uid 0"),
+        ({"preauth_user": "p3t-no-such-account"}, "preauth_user: no account"),
+    ],
+)
+def test_accounts_pop3d_runs_as_are_checked_at_start(env: Pop3Env, settings: dict, named: str) -> None:
+    """Issue 12, finding 1: found at start (exit 78, the configuration-error reply), never at a
+    login that passed the check while the process was still root."""
     path = env.write_spool(mbox_bytes([b"Subject: x\n\nbody\n"]))
-    env.write_config(mail_user=None)
-    env.settings.pop("mail_user", None)
+    for key, value in settings.items():
+        env.settings.pop(key, None)
+        if value is not None:
+            env.settings[key] = value
     env.write_config()
-    client = env.client()
-    client.user("alice")
-    with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
-        client.pass_(PASSWORD)
-    client.quit()
-    client.proc.wait(timeout=20)
-    assert "mail_user" in env.log_text()
+    sock, proc = env.start()
+    assert recv_until(sock, b"\r\n") == CONFIG_ERROR_REPLY
+    assert proc.wait(timeout=20) == 78
+    message = proc.stderr.read().decode()
+    assert named in message and "Traceback" not in message
     assert not Path(f"{path}.lock").exists()
 
 

@@ -91,7 +91,7 @@ def test_dotlockfile_lock_makes_login_wait_then_in_use(env: Pop3Env) -> None:
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             client.pass_(PASSWORD)
         assert time.monotonic() - started >= 0.9  # it waited for lock_timeout (1 s) first
-        client.quit()
+        assert client.file.read() == b""  # and ended the session
     finally:
         assert dotlockfile("-u", lock) == 0
     client = login(env)  # released: the next login works
@@ -120,7 +120,7 @@ def test_fcntl_lock_of_another_process_means_in_use(env: Pop3Env) -> None:
         client.user("alice")
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             client.pass_(PASSWORD)
-        client.quit()
+        assert client.file.read() == b""
         client.proc.wait(timeout=20)
     # Waiting for the fcntl lock released every lock it took meanwhile: no dotlock left behind.
     assert leftovers(path) == []

@@ -180,6 +180,34 @@ def test_frames_are_bounded() -> None:
     os.close(rfd)
 
 
+def test_a_login_whose_maildrop_cannot_be_opened_ends_the_session(env: Pop3Env) -> None:
+    """Issue 12, finding 1: two wrong passwords, then the right one for a maildrop that is in
+    use: -ERR [IN-USE] and the connection closes. Before, the session went on in AUTHORIZATION
+    in the process that took over (root, under privilege separation, when the failure came
+    before its drop) with a fresh failure budget: 5 guesses with max_auth_failures = 3."""
+    env.write_spool(mbox_bytes(sample_messages()[:1]))
+    holder = env.client()
+    holder.user("alice")
+    holder.pass_(PASSWORD)  # holds the maildrop's locks
+    sock, proc = env.start()
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"+OK")
+    for _ in range(2):
+        sock.sendall(b"USER alice\r\nPASS wrong\r\n")
+        assert (
+            reader.readline() + reader.readline()
+            == b"+OK Send PASS.\r\n-ERR [AUTH] Authentication failed.\r\n"
+        )
+    sock.sendall(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nUSER alice\r\n")
+    assert reader.readline() == b"+OK Send PASS.\r\n"
+    assert reader.readline().startswith(b"-ERR [IN-USE]")
+    assert reader.readline() == b""  # closed: nothing after PASS was read, no guess is left
+    assert proc.wait(timeout=20) == 0
+    assert "reason=maildrop-failed" in env.log_text()
+    holder.quit()
+    assert holder.proc.wait(timeout=20) == 0
+
+
 # ---------------------------------------------------------------------------- spool safety, end to end
 
 
@@ -188,7 +216,7 @@ def _refused(env: Pop3Env) -> bytes:
     client.user("alice")
     with pytest.raises(poplib.error_proto) as info:
         client.pass_(PASSWORD)
-    client.quit()
+    assert client.file.read() == b""  # the session ends after a maildrop it cannot serve
     assert client.proc.wait(timeout=20) == 0
     return info.value.args[0]
 

@@ -286,9 +286,10 @@ def test_resume_continues_a_session_authorized_elsewhere() -> None:
     pending = first.pending_bytes()
     assert pending == b"STAT\r\nDELE 1\r\nQU"
     second = Pop3Core(greet=False)
-    request = second.resume(b"a", pending, commands=2)
+    request = second.resume(b"a", commands=2)
     assert request.user == b"a"
     second.auth_succeeded(FakeListing([100, 200]))
+    second.receive_data(pending)
     second.receive_data(b"IT\r\n")
     out, requests = b"", []
     while (req := second.next_request()) is not None:
@@ -555,3 +556,26 @@ def test_a_huge_listing_leaves_in_bounded_pieces():
     expected_list = b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, sizes[i]) for i in kept) + b".\r\n"
     expected_uidl = b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i + 1, i * 7) for i in kept) + b".\r\n"
     assert out == expected_list + expected_uidl + b"+OK\r\n"
+
+
+@pytest.mark.parametrize("code", [protocol.IN_USE, protocol.SYS_TEMP, protocol.SYS_PERM])
+def test_a_maildrop_that_fails_after_the_check_ends_the_session(code: bytes) -> None:
+    """Issue 12, finding 1: no AUTHORIZATION dialogue goes on in the process that took over."""
+    core = Pop3Core(greet=False)
+    core.resume(b"a", commands=2)
+    core.maildrop_failed(code)
+    core.receive_data(b"USER a\r\nPASS b\r\n")
+    request = core.next_request()
+    assert isinstance(request, Close) and request.reason == "maildrop-failed"
+    assert core.data_to_send() == protocol.REPLIES[protocol.FAILURE_REPLY[code]]
+    assert core.next_request() is None and core.data_to_send() == b""
+
+
+def test_the_failure_budget_is_the_connections() -> None:
+    """Issue 12, finding 1: failures counted before the handover count after it."""
+    core = Pop3Core(options=protocol.Options(max_auth_failures=3), greet=False)
+    core.resume(b"a", commands=4, failures=2)
+    core.auth_failed(protocol.AUTH)
+    assert core.data_to_send() == protocol.REPLIES["too_many_auth"]
+    request = core.next_request()
+    assert isinstance(request, Close) and request.reason == "auth-failures"

@@ -283,6 +283,64 @@ def test_max_auth_failures_ends_the_session(sysenv: Pop3Env, account: Account) -
     assert client.proc.wait(timeout=20) == 0
 
 
+def _clear_home(name: str, tmp_path: Path) -> None:
+    """Empty the home directory field of `name` (usermod refuses to), through vipw's locking."""
+    editor = tmp_path / "edit-passwd"
+    editor.write_text(
+        "#!/bin/sh\n"
+        f'content=$(sed -e "s#^\\({name}:[^:]*:[^:]*:[^:]*:[^:]*:\\)[^:]*:#\\1:#" "$1")\n'
+        'printf \'%s\\n\' "$content" > "$1"\n'
+        # vipw compares modification times to the second: make the edit visible to it.
+        'touch -d "@$(( $(date +%s) + 2 ))" "$1"\n'
+    )
+    editor.chmod(0o755)
+    subprocess.run(
+        ["vipw"],
+        env={**os.environ, "EDITOR": str(editor)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert pwd.getpwnam(name).pw_dir == ""
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (Debian package strace)")
+@pytest.mark.skipif(not shutil.which("vipw"), reason="needs vipw (Debian package passwd)")
+def test_root_never_reads_the_client_after_a_login_it_cannot_complete(
+    sysenv: Pop3Env, account: Account, tmp_path: Path
+) -> None:
+    """Issue 12, finding 1: `mailbox = %h/...` and an account with no home directory: the
+    check passes, the session process (still root) cannot expand the mailbox. It answers
+    [SYS/PERM] and closes; it never reads the client. Before, it went on reading as root."""
+    _clear_home(account.name, tmp_path)
+    sysenv.write_config(mailbox="%h/mbox")
+    trace = tmp_path / "trace"
+    ours, theirs = socket.socketpair()
+    command = ["strace", "-f", "-qq", "-e", "trace=read", "-o", str(trace)]
+    proc = subprocess.Popen(command + sysenv.command(), stdin=theirs, stdout=theirs, cwd=str(ROOT))
+    theirs.close()
+    ours.settimeout(60)
+    reader = ours.makefile("rb")
+    try:
+        assert reader.readline().startswith(b"+OK")
+        ours.sendall(f"USER {account.name}\r\nPASS {account.password}\r\nUSER {account.name}\r\n".encode())
+        assert reader.readline() == b"+OK Send PASS.\r\n"
+        assert reader.readline().startswith(b"-ERR [SYS/PERM]")
+        assert reader.readline() == b""  # closed: the USER behind PASS was never answered
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ours.close()
+    text = trace.read_text(errors="replace")
+    pids = [int(line.split()[0]) for line in text.splitlines() if line[:1].isdigit()]
+    reads_from_client = {int(m.group(1)) for m in re.finditer(r"^(\d+) +read\(0,", text, re.M)}
+    assert reads_from_client and pids[0] not in reads_from_client  # only the confined child read
+    assert "mailbox template uses %h but the account has no home directory" in sysenv.log_text()
+
+
 # ---------------------------------------------------------------------------- privileges
 
 
@@ -328,7 +386,7 @@ def test_system_spool_owned_by_someone_else_is_refused(sysenv: Pop3Env, account:
     path.chmod(0o666)  # readable by the account: only the owner check stands in the way
     reply, client = try_login(sysenv, account.name, account.password)
     assert reply.startswith(b"-ERR [SYS/PERM]")
-    client.quit()
+    assert client.file.read() == b""  # and the session ends
     assert client.proc.wait(timeout=20) == 0
     assert path.read_bytes() == data
     assert f"owned by uid {other}, expected {account.uid}" in sysenv.log_text()
