@@ -118,6 +118,7 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "lock_timeout": (limits.DEFAULT_LOCK_TIMEOUT, _number(0, 3600)),
     "stale_lock": (limits.DEFAULT_STALE_LOCK, _number(1, 86400)),
     "timeout": (limits.DEFAULT_IDLE_TIMEOUT, _number(1, 86400)),
+    "login_timeout": (limits.DEFAULT_LOGIN_TIMEOUT, _number(1, 86400)),
     "line_timeout": (limits.COMMAND_LINE_TIMEOUT, _number(1, 86400)),
     "write_timeout": (limits.WRITE_TIMEOUT, _number(1, 86400)),
     "mbox_format": ("mboxo", _choice("mboxo", "mboxrd")),

@@ -13,6 +13,9 @@ MAX_BAD_COMMANDS = 10
 MAX_MSGNO_DIGITS = 10
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
 DEFAULT_IDLE_TIMEOUT = 600.0
+# The whole AUTHORIZATION phase must end within this, whatever the client sends (CAPA, bad
+# commands): an unauthenticated connection costs two processes (~10 MB) under inetd.
+DEFAULT_LOGIN_TIMEOUT = 60.0
 # A whole command line must arrive within this (a byte-per-second trickle must not pin a lock).
 COMMAND_LINE_TIMEOUT = 60.0
 # A client that stops reading must not hold the maildrop lock for ever.

@@ -53,6 +53,7 @@ REPLIES: dict[str, bytes] = {
     "too_many_bad": wire.err(b"Too many bad commands; closing."),
     "too_many_auth": wire.err(b"Too many authentication failures; closing.", AUTH),
     "autologout": wire.err(b"Autologout: idle for too long."),
+    "login_timeout": wire.err(b"Autologout: no login in time."),
     "update_failed": wire.err(b"Deletions not applied (server failure); try again later.", SYS_TEMP),
     "no_tls": wire.err(b"STLS is not available."),
     "tls_active": wire.err(b"TLS is already active."),
@@ -181,7 +182,6 @@ class Pop3Core:
                 b"STLS": self._cmd_stls,
                 b"CAPA": self._cmd_capa,
                 b"QUIT": self._cmd_quit,
-                b"NOOP": self._cmd_noop_auth,
             },
             TRANSACTION: {
                 b"STAT": self._cmd_stat,
@@ -248,6 +248,12 @@ class Pop3Core:
         if self._closing is None:
             self._out += REPLIES["autologout"]
             self._close("timeout")
+
+    def login_timed_out(self) -> None:
+        """login_timeout expired in AUTHORIZATION, however busy the client kept it: close."""
+        if self._closing is None:
+            self._out += REPLIES["login_timeout"]
+            self._close("login-timeout")
 
     def fail(self) -> None:
         """An unexpected error in the driver: answer [SYS/TEMP] if a reply is owed, close, no update."""
@@ -479,10 +485,6 @@ class Pop3Core:
         # Anything pipelined behind STLS arrived in plaintext: it must never run after the handshake.
         self._reader.discard()
         return StartTLS()
-
-    def _cmd_noop_auth(self, args: list[bytes], rest: bytes) -> None:
-        # NOOP is a TRANSACTION command (RFC 1939), but clients use it as a keep-alive anywhere.
-        self._out += wire.ok()
 
     def _cmd_capa(self, args: list[bytes], rest: bytes) -> None:
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"EXPIRE NEVER"]

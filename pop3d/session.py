@@ -98,6 +98,8 @@ class Session:
         config = self.config
         idle_timeout = float(config.timeout)  # type: ignore[arg-type]
         line_timeout = float(config.line_timeout)  # type: ignore[arg-type]
+        # The whole AUTHORIZATION phase, from the connection's start: commands do not extend it.
+        login_deadline = self.conn.started + float(config.login_timeout)  # type: ignore[arg-type]
         last_command = time.monotonic()
         # When the first octet of the command line still incomplete arrived: a line must be
         # complete within line_timeout, so a trickle cannot hold the session (and its lock) for
@@ -137,11 +139,17 @@ class Session:
             deadline = last_command + idle_timeout
             if partial_since is not None:
                 deadline = min(deadline, partial_since + line_timeout)
+            logging_in = core.state == protocol.AUTHORIZATION
+            if logging_in:
+                deadline = min(deadline, login_deadline)
             data = None
             while data is None:
                 now = time.monotonic()
                 if now >= deadline:
-                    core.timed_out()
+                    if logging_in and now >= login_deadline:
+                        core.login_timed_out()
+                    else:
+                        core.timed_out()
                     break
                 self._refresh_lock(now)
                 wait = min(deadline - now, self._refresh_every)

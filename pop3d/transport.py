@@ -58,6 +58,7 @@ class Connection:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.started = time.monotonic()  # login_timeout counts from here
         # A client that stops reading (a full socket buffer) must not hold the maildrop for ever.
         self.write_timeout = limits.WRITE_TIMEOUT
 
@@ -157,6 +158,7 @@ class TlsConnection:
         self._read_events = select.POLLIN | select.POLLPRI
         self.bytes_in = plain.bytes_in
         self.bytes_out = plain.bytes_out
+        self.started = plain.started
         self.write_timeout = plain.write_timeout
 
     def wait_readable(self, timeout: float) -> bool:

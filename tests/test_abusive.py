@@ -105,6 +105,31 @@ def test_partial_input_does_not_reset_the_idle_timer(env: Pop3Env) -> None:
     clean_end(env, client)
 
 
+def test_an_unauthenticated_session_ends_at_login_timeout_whatever_it_sends(env: Pop3Env) -> None:
+    """Issue 12, finding 5: CAPA every 0.2 s kept a session before login (two processes under
+    privilege separation) alive for ever; login_timeout ends the whole AUTHORIZATION phase."""
+    env.write_config(timeout=600, login_timeout=1)
+    sock, proc = env.start()
+    started = time.monotonic()
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"+OK")
+    while True:  # each read has the fixture's timeout; the server must end it, not us
+        try:
+            sock.sendall(b"CAPA\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it closed while we slept: its last line is still to be read
+        line = reader.readline()
+        if not line.startswith(b"+OK Capability list follows"):
+            break
+        while reader.readline() != b".\r\n":
+            pass
+        time.sleep(0.2)
+    assert line == b"-ERR Autologout: no login in time.\r\n"
+    assert time.monotonic() - started >= 1.0
+    assert proc.wait(timeout=20) == 0
+    assert "reason=login-timeout" in env.log_text()
+
+
 def test_complete_lines_sent_slowly_are_served(env: Pop3Env) -> None:
     big_spool(env, 1)
     env.write_config(timeout=600, line_timeout=30)

@@ -579,3 +579,19 @@ def test_the_failure_budget_is_the_connections() -> None:
     assert core.data_to_send() == protocol.REPLIES["too_many_auth"]
     request = core.next_request()
     assert isinstance(request, Close) and request.reason == "auth-failures"
+
+
+def test_noop_before_login_is_a_wrong_state_command(core: Pop3Core) -> None:
+    """Issue 12, finding 5: NOOP is a TRANSACTION command (RFC 1939); popa3d, Dovecot and
+    Mailutils refuse it before login. It counts as a bad command, like any wrong-state command."""
+    assert exchange(core, b"NOOP\r\n") == b"-ERR Command not valid in this state.\r\n"
+    out = exchange(core, b"NOOP\r\n" * (limits.MAX_BAD_COMMANDS - 1))
+    assert out.endswith(b"-ERR Too many bad commands; closing.\r\n")
+
+
+def test_login_timeout_closes_authorization(core: Pop3Core) -> None:
+    exchange(core, b"USER a\r\n")
+    core.login_timed_out()
+    assert core.data_to_send() == b"-ERR Autologout: no login in time.\r\n"
+    request = core.next_request()
+    assert isinstance(request, Close) and request.reason == "login-timeout"

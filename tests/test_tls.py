@@ -138,7 +138,7 @@ def test_injection_bytes_pipelined_behind_stls_are_never_executed(env: Pop3Env, 
     tls = certs.client_context().wrap_socket(sock, server_hostname="socketpair")
     # The first reply after the handshake answers our NOOP: the injected CAPA is gone.
     tls.sendall(b"NOOP\r\n")
-    assert recv_until(tls, b"\r\n") == b"+OK\r\n"
+    assert recv_until(tls, b"\r\n") == b"-ERR Command not valid in this state.\r\n"
     tls.sendall(b"QUIT\r\n")
     assert recv_until(tls, b"\r\n") == b"+OK Bye.\r\n"
     assert proc.wait(timeout=20) == 0
