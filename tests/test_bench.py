@@ -166,3 +166,29 @@ def rewrite(path: Path, data: bytes) -> None:
     st = path.stat()
     path.write_bytes(data)
     os.chown(path, st.st_uid, st.st_gid)
+
+
+@needs_launcher
+def test_concurrency_mode_verifies_every_session(work: Path) -> None:
+    """--concurrency: C clients at once, each with an account of its own, against pop3d from
+    inetd's seat and against its own --listen; every session's answer checked, and the rows are
+    the throughput, the latency percentiles, and the CPU and memory each session cost."""
+    cmd = [sys.executable, str(BENCH), "--quick", "--concurrency", "1,2", "--workloads", "htpasswd"]
+    run = subprocess.run(
+        [*cmd, "--workdir", str(work), "--mail-user", RUN_AS], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r.get("verified") is False]
+    figures = [r for r in records if r["metric"] != "setup"]
+    whats = ("sessions/s", "latency p50", "latency p95", "latency p99", "CPU per session")
+    for server in ("pop3d", "pop3d --listen"):
+        got = {r["metric"]: r for r in figures if r["server"] == server}
+        for clients in ("1 client", "2 clients"):
+            for what in whats:
+                assert got[f"{clients}, htpasswd short session: {what}"]["value"] > 0, (server, clients, what)
+    # Both clients logged in, each as its own user, through both servers.
+    log = (work / "pop3d" / "pop3d.log").read_text()
+    assert "login: user=pop3bench " in log and "login: user=pop3bench2 " in log
+    table = (work / "results.md").read_text()
+    assert "| figure | pop3d | pop3d --listen |" in table

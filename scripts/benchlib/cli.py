@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchlib import chart, phases, servers, table
 from benchlib.context import Context
+from benchlib.phases.concurrency import WORKLOADS
 from benchlib.results import Results
 from benchlib.servers.accounts import USER, ensure_account
 from benchlib.servers.base import Server, inetd_launcher
@@ -46,6 +47,22 @@ def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
         default="bcrypt,sha512_crypt,sha256_crypt,md5_crypt,yescrypt,apr1,sha1",
         help="password schemes timed in short sessions (pop3d, htpasswd)",
     )
+    p.add_argument(
+        "--concurrency",
+        help="concurrency mode: C clients at once, for each C of this comma-separated list "
+        "(throughput, latency percentiles, CPU and memory per session) instead of the default run",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"concurrency mode: which sessions (default {','.join(WORKLOADS)})",
+    )
+    p.add_argument(
+        "--duration", type=float, default=10, help="concurrency mode: seconds per round and server"
+    )
+    p.add_argument(
+        "--poll-mib", type=float, default=256, help="concurrency mode: each client's spool for a poll"
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="spools and configs (default: a temporary directory, kept)")
     p.add_argument("--out", help="directory for results.jsonl and results.md (default: workdir)")
@@ -61,6 +78,19 @@ def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes, args.tiny, args.poplib_mib = "2", 2000, 0.5
         args.connections, args.sessions, args.rounds, args.no_peers = 6, 3, 1, True
         args.schemes = "bcrypt"
+    if args.concurrency is not None:
+        try:
+            args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
+        except ValueError:
+            p.error(f"--concurrency {args.concurrency}: numbers of clients, comma-separated")
+        if not args.concurrency or min(args.concurrency) < 1:
+            p.error("--concurrency: at least one client")
+        args.workloads = [w for w in args.workloads.split(",") if w]
+        unknown = set(args.workloads) - set(WORKLOADS)
+        if unknown:
+            p.error(f"--workloads: unknown {', '.join(sorted(unknown))} (known: {', '.join(WORKLOADS)})")
+        if args.quick:
+            args.duration, args.poll_mib = 1.0, 2
     sizes = args.sizes
     try:  # checked before anything starts; a list of MiB from here on
         args.sizes = [float(x) for x in sizes.split(",") if x]

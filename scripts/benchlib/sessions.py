@@ -43,6 +43,23 @@ def short_session(
     return dt
 
 
+def poll_session(server: Server, spool: Spool, user: str | None = None) -> float:
+    """A client's poll: login, UIDL, QUIT; connect to QUIT's reply. Every message numbered once,
+    the UIDs unique."""
+    t0 = time.perf_counter()
+    c = Pop3Client(server.port)
+    c.login(user or server.user, server.password)
+    check_uids(check_listing("UIDL", c.multi(b"UIDL"), spool))
+    c.send(b"QUIT\r\n")
+    reply = c.line()
+    dt = time.perf_counter() - t0
+    c.drain_eof()
+    c.close()
+    if not reply.startswith(b"+OK"):
+        raise VerifyError(f"QUIT: {reply!r}")
+    return dt
+
+
 def read_session(server: Server, spool: Spool, retr: bool = True) -> dict[str, float]:
     """PASS, STAT, LIST, UIDL, RETR of every message (verified), usage sampled before QUIT.
 

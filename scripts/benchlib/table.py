@@ -9,6 +9,7 @@ from benchlib.results import Results
 from benchlib.servers import PEERS
 
 COLUMNS = ["pop3d", "floor", *(peer.NAME for peer in PEERS)]
+LISTEN = "pop3d --listen"  # a column of the concurrency mode only (the ratio column gives both)
 
 # metric -> (baseline server, target text, target ratio (pop3d/baseline must be <= or >=))
 TARGETS = {
@@ -23,6 +24,7 @@ TARGETS = {
     "DELE all + QUIT": ("popa3d", "≤ 1.0x popa3d", 1.0, "le"),
     "DELE 1 + QUIT": ("popa3d", "≤ 2.5x popa3d", 2.5, "le"),
     "stock poplib": ("dovecot", "≥ 1.0x Dovecot", 1.0, "ge"),
+    "sessions/s": ("popa3d", "inetd ≥ 0.7x, --listen ≥ 1.0x popa3d", 0.7, "ge"),
 }
 
 
@@ -43,7 +45,9 @@ def write_table(res: Results, out: Path) -> None:
         if rec["metric"] == "setup" or rec.get("verified") is False:
             continue
         rows.setdefault(str(rec["metric"]), {})[str(rec["server"])] = rec
-    cols = COLUMNS
+    cols = list(COLUMNS)
+    if any(rec["server"] == LISTEN for rec in res.records):
+        cols.insert(1, LISTEN)
     lines = [
         "| figure | " + " | ".join(cols) + " | ratio | target |",
         "|---|" + "---|" * (len(cols) + 2),
@@ -63,10 +67,17 @@ def write_table(res: Results, out: Path) -> None:
                     # half the min-max range of the rounds, relative to their median: the noise
                     spread = f" ±{(rec['max'] - rec['min']) / rec['value'] * 50:.0f}%"
                 cells.append(fmt_value(rec["value"], str(rec["unit"])) + spread)
-        ratio = ""
-        mine, base = by_server.get("pop3d"), by_server.get(base_name)
-        if mine and base and mine["value"] and base["value"]:
-            ratio = f"{mine['value'] / base['value']:.2f}x {base_name}"
+        mine = by_server.get("pop3d") or by_server.get(LISTEN)
+        if mine and mine.get("baseline"):  # the phase named the row's baseline
+            base_name = str(mine["baseline"])
+        base = by_server.get(base_name)
+        ratios = []
+        for name in ("pop3d", LISTEN):
+            rec = by_server.get(name)
+            if rec and base and rec["value"] and base["value"]:
+                prefix = "--listen " if name == LISTEN else ""
+                ratios.append(f"{prefix}{rec['value'] / base['value']:.2f}x")
+        ratio = f"{', '.join(ratios)} {base_name}" if ratios else ""
         lines.append(f"| {metric} | " + " | ".join(cells) + f" | {ratio} | {target_text} |")
     setup = [r for r in res.records if r["metric"] == "setup"]
     if setup:
@@ -92,6 +103,8 @@ def fmt_value(v: float | None, unit: str) -> str:
         return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
     if unit == "MB/s":
         return f"{v:.0f} MB/s"
+    if unit == "/s":
+        return f"{v:.1f}/s"
     if unit == "MB":
         return f"{v:.1f} MB"
     return f"{v:.3g} {unit}"

@@ -12,7 +12,16 @@ import argparse
 from collections.abc import Callable
 
 from benchlib.context import Context
-from benchlib.phases import greeting, pam_sessions, schemes, short_sessions, spool_sizes, stock_poplib, tiny
+from benchlib.phases import (
+    concurrency,
+    greeting,
+    pam_sessions,
+    schemes,
+    short_sessions,
+    spool_sizes,
+    stock_poplib,
+    tiny,
+)
 
 Phase = Callable[[Context], None]
 
@@ -29,4 +38,6 @@ DEFAULT: tuple[Phase, ...] = (
 
 def plan(args: argparse.Namespace) -> tuple[Phase, ...]:
     """The phases to run for this command line."""
+    if args.concurrency:
+        return (concurrency.run,)  # C clients at once: throughput, latency, CPU and memory per session
     return DEFAULT

@@ -33,8 +33,30 @@ def add_system_account(name: str, home: str) -> None:
     print(f"# created system account {name}", flush=True)
 
 
-def set_system_password() -> None:
-    method = ["-c", "YESCRYPT"]
-    r = subprocess.run(["chpasswd", *method], input=f"{USER}:{PASSWORD}\n".encode(), capture_output=True)
+def set_system_password(names: list[str] | None = None) -> None:
+    """The benchmark password (yescrypt) for these system accounts (default: the test account)."""
+    lines = "".join(f"{name}:{PASSWORD}\n" for name in names or [USER]).encode()
+    r = subprocess.run(["chpasswd", "-c", "YESCRYPT"], input=lines, capture_output=True)
     if r.returncode:
-        subprocess.run(["chpasswd"], input=f"{USER}:{PASSWORD}\n".encode(), check=True)
+        subprocess.run(["chpasswd"], input=lines, check=True)
+
+
+def client_users(count: int) -> list[str]:
+    """One account name per concurrent client (pop3bench, pop3bench2, ...): concurrent sessions
+    of one account would wait for each other's maildrop lock, which no real host's users do."""
+    return [USER] + [f"{USER}{i}" for i in range(2, count + 1)]
+
+
+def ensure_client_accounts(count: int) -> list[pwd.struct_passwd]:
+    """The system accounts of `client_users(count)`, created as root, each with the benchmark
+    password (yescrypt)."""
+    ensure_account(create=True)
+    entries = []
+    for name in client_users(count):
+        try:
+            entries.append(pwd.getpwnam(name))
+        except KeyError:
+            add_system_account(name, "/nonexistent")
+            entries.append(pwd.getpwnam(name))
+    set_system_password([e.pw_name for e in entries])
+    return entries

@@ -74,6 +74,10 @@ class Server:
     def spool_path(self) -> Path:
         raise NotImplementedError
 
+    def spool_for(self, user: str) -> Path:
+        """The spool of another account of the server (concurrent clients have one each)."""
+        return self.spool_path().with_name(user)
+
     def forget(self) -> None:
         """Drop whatever the server remembers of the previous spool (Dovecot: its index)."""
 
@@ -146,6 +150,57 @@ def proc_usage(pid: int | None) -> dict[str, float] | None:
         pass
     cpu += (int(fields[13]) + int(fields[14])) / ticks  # children it reaped (popa3d's helpers)
     return {"rss_mb": hwm / 1024, "cpu_s": cpu}
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a launcher, its sessions and their helpers)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:  # every thread's children: Dovecot's and tcpserver's are the main thread's anyway
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process tree, the processes that ended included.
+
+    Every live process's own time plus the time of the children it reaped (which include what
+    they reaped): each ended process is counted once, in the live process that reaped it or
+    reaped its reaper. Exact only while no child is between its exit and its reaping: take it
+    when the server is idle, before and after a run. Ticks (10 ms) per process, so take it over
+    many sessions.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / ticks
+
+
+def tree_pss(pid: int) -> float:
+    """Proportional set size of a process tree, MB: pages shared by forked processes are divided
+    among them, so the sum is what the tree costs in memory."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+    return total / 1024
 
 
 class PeerUnavailable(Exception):

@@ -38,8 +38,19 @@ class Dovecot(Server):
     exact_spool = False  # it may write X-IMAPbase/X-UID/Status headers into the mbox
     indexes = True
 
-    def __init__(self, binary: str, workdir: Path, owner: pwd.struct_passwd, hashed: str) -> None:
-        d = workdir / "dovecot"
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        owner: pwd.struct_passwd,
+        hashed: str,
+        users: list[str] | None = None,
+        pam: bool = False,
+        subdir: str = "dovecot",
+    ) -> None:
+        """`users` (default: the test account) share `hashed` in its passwd-file, or, with `pam`,
+        are system accounts checked through PAM (the `dovecot` service), as popa3d checks them."""
+        d = workdir / subdir
         if d.exists():
             shutil.rmtree(d)
         for sub in ("run", "state", "spool", "mail", "index", "home"):
@@ -50,7 +61,8 @@ class Dovecot(Server):
             os.chmod(d / sub, 0o755)
         self.dir = d
         self.port = free_port()
-        (d / "passwd").write_text(f"{self.user}:{{CRYPT}}{hashed}\n")
+        (d / "passwd").write_text("".join(f"{u}:{{CRYPT}}{hashed}\n" for u in users or [self.user]))
+        passdb = "driver = pam" if pam else f"driver = passwd-file\n  args = scheme=CRYPT {d}/passwd"
         (d / "dovecot.conf").write_text(
             f"""
 base_dir = {d}/run
@@ -67,8 +79,7 @@ pop3_uidl_format = %08Xu%08Xv
 default_internal_user = dovecot
 default_login_user = dovenull
 passdb {{
-  driver = passwd-file
-  args = scheme=CRYPT {d}/passwd
+  {passdb}
 }}
 userdb {{
   driver = static
