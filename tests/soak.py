@@ -174,6 +174,9 @@ class Soak:
     def deliver(self, user: str, seq: int) -> bool:
         message = message_for(user, seq)
         data = b"From soak@example.org Thu Nov 26 10:00:00 2026\n" + message
+        # Known before it is delivered: a session may scan it before the MDA has even returned.
+        with self.model_lock:
+            self.contents[message_id(message)] = message
         spool = self.spool_dir / user
         if self.args.mda == "procmail":
             kwargs: dict[str, object] = {}
@@ -194,7 +197,6 @@ class Soak:
         if ok:
             with self.model_lock:
                 self.delivered[user].add(message_id(message))
-                self.contents[message_id(message)] = message
             self.stats.add("delivered")
         return ok
 
@@ -260,8 +262,10 @@ class Soak:
                 with self.model_lock:
                     expected = self.contents.get(mid)
                     deleted = mid in self.deleted[user]
-                if expected is None or deleted:
-                    raise AssertionError(f"{user}: served {mid!r}, which the model does not hold")
+                if expected is None:
+                    raise AssertionError(f"{user}: served {mid!r}, which no MDA delivered")
+                if deleted:
+                    raise AssertionError(f"{user}: served {mid!r}, deleted by an earlier QUIT")
                 if not top:
                     if body != sent_form(expected, False) or len(body) != sizes[number - 1]:
                         raise AssertionError(f"{user}: message {mid!r} damaged")
