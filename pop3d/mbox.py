@@ -219,7 +219,9 @@ def _regexes() -> tuple[Pattern[bytes], ...]:
 
         _regex_cache = (
             re.compile(rb">+From "),  # mboxrd quoted From_ line at a known line start
-            re.compile(rb"\n>(>*From )"),  # ... inside a window, unquoted by sub(rb"\n\1")
+            # ... inside a window: its LF and first ">" (sub(b"\n") unquotes). A lookahead, so
+            # each LF and its run of ">" is tried once (linear), and a literal replacement.
+            re.compile(rb"\n>(?=>*From )"),
             re.compile(  # headers local MUAs add or rewrite, with continuation lines
                 rb"\n(?=[SsXxCcLl])(?:status|x-status|x-keywords|x-uid|x-imap(?:base)?|content-length|lines)"
                 rb"[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*",
@@ -297,20 +299,11 @@ def _blank_line(
 def _quoted_lines(chunk: bytes, a: int, b: int) -> list[int]:
     """Starts of the lines matching ">+From " that begin in chunk[a:b] (whole lines, a line start).
 
-    One rfind per ">From" (rare; backwards, like the separators, and without the space that
-    defeats CPython's skip filter) and a check that only ">"s precede it on its line.
+    One regex pass at C speed, linear for any content: each LF is tried once, and its run of ">"
+    once. (Looking back from every ">From" to its line's LF rescanned a line of ">From >From ..."
+    once per ">From": 256 KiB of them cost 1.6 s.)
     """
-    found = []
-    first = a - 1 if a else 0
-    h = chunk.rfind(b">From", a, b)  # a line starting in the window ends in it
-    while h >= 0:
-        if chunk[h + 5 : h + 6] == b" ":
-            start = chunk.rfind(b"\n", first, h) + 1
-            if start and chunk.count(b">", start, h) == h - start:
-                found.append(start)
-        h = chunk.rfind(b">From", a, h + 4)
-    found.reverse()
-    return found
+    return [m.start() + 1 for m in _regexes()[1].finditer(chunk, a - 1 if a else 0, b)]
 
 
 def _dedup(digests: bytearray, count: int) -> dict[int, int]:
@@ -797,7 +790,7 @@ def _stream(
                 pos += 1  # mboxrd: unquote a line at the window start (may be all ">": ask buf)
             chunk = buf[pos:lim]
             if rx_sub is not None and b">From " in chunk:
-                chunk = rx_sub.sub(rb"\n\1", chunk)
+                chunk = rx_sub.sub(b"\n", chunk)
             if wire:
                 line_end = chunk[-1:] == b"\n"
                 chunk = to_wire(chunk, at_line_start)

@@ -111,6 +111,21 @@ def test_mboxrd_quoted_lines_are_unquoted(env: Pop3Env) -> None:
     finish(env, client)
 
 
+def test_mboxrd_lines_made_of_quoted_from_lines(env: Pop3Env) -> None:
+    """Issue 12's spool (three 256 KiB lines of ">From "; 786 KB): LIST says what RETR sends.
+    (Its scan cost 5 s of CPU per login; tests/test_mbox.py checks that cost is linear now.)"""
+    line = b">From " * (256 * 1024 // 6) + b"\n"
+    data = mbox_bytes([b"Subject: q%d\n\n%s" % (k, line) for k in range(3)])
+    env.write_config(mbox_format="mboxrd")
+    env.write_spool(data)
+    client = start(env)
+    assert client.login().startswith(b"+OK")
+    sizes = check_listing(client, data, rd=True)
+    assert sizes == [len(b"Subject: q0\r\n\r\n") + len(line)] * 3  # the line: one ">" less, a CR more
+    assert client.cmd(b"QUIT").startswith(b"+OK")
+    finish(env, client)
+
+
 def test_deleting_from_a_malformed_spool_keeps_the_rest_byte_identical(env: Pop3Env) -> None:
     data = SPOOLS["nul-bytes"] + SPOOLS["mixed-crlf-lf"] + SPOOLS["truncated-mid-message"]
     path = env.write_spool(data)

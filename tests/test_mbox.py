@@ -606,6 +606,59 @@ def test_long_lines_of_quotes_across_chunks():
                     check_against_model(data, fmt)
 
 
+# Hostile mboxrd bodies: quoted From lines packed as densely as they go (issue 12, finding 3).
+DENSE_QUOTES = {
+    "one line of >From": lambda n: b">From " * (n // 6) + b"\n",
+    "lines of >From": lambda n: b">From x\n" * (n // 8),
+    "lines of >>>From": lambda n: b">>>From x\n" * (n // 10),
+    "a run of >": lambda n: b">" * n + b"From x\n",
+}
+
+
+def _cpu_per_octet(data: bytes, fmt: str) -> float:
+    """CPU seconds per spool octet of login (scan) + LIST + RETR + TOP 0 of every message.
+
+    Repeated until the work costs 30 ms, so a linear cost is measured at the same resolution
+    at every size; the best of 3 rounds (another process's load only ever adds)."""
+    import time
+
+    def work() -> None:
+        listing = mbox.scan(data, fmt)
+        for i in range(listing.count):
+            assert sum(map(len, mbox.iter_message(data, listing, i, None, fmt))) == listing.size(i)
+            for _ in mbox.iter_message(data, listing, i, 0, fmt, wire=True):
+                pass
+
+    best = float("inf")
+    for _ in range(3):
+        rounds, start = 0, time.process_time()
+        while True:
+            work()
+            rounds += 1
+            spent = time.process_time() - start
+            if spent >= 0.03:
+                break
+        best = min(best, spent / rounds / len(data))
+    return best
+
+
+@pytest.mark.parametrize("shape", sorted(DENSE_QUOTES))
+def test_mboxrd_cost_grows_linearly_with_dense_quoted_from_lines(shape):
+    """A message of nothing but quoted From lines costs, per octet, at 4n what it costs at n.
+
+    Looking back to the line start for every ">From" made one 256 KiB line of them cost 1.6 s
+    of CPU at each login, locks held: quadratic, so 4x the size cost 16x the time."""
+    make = DENSE_QUOTES[shape]
+    n = 64 * 1024
+
+    def spool(size: int) -> bytes:
+        return mbox_of(b"Subject: dense\n\n" + make(size), b"Subject: after\n\n>From x\n")
+
+    check_against_model(spool(1000), "mboxrd")
+    ratio = _cpu_per_octet(spool(4 * n), "mboxrd") / _cpu_per_octet(spool(n), "mboxrd")
+    assert ratio < 2.0, f"4x the octets cost {4 * ratio:.1f}x the CPU (linear: 4x)"
+
+
 def same_listing(a: mbox.Listing, b: mbox.Listing) -> None:
     assert (a.count, a.total_size, a.scanned_length) == (b.count, b.total_size, b.scanned_length)
     for i in range(a.count + 1):
