@@ -5,8 +5,10 @@
  * session spends its CPU (CPython 3.11 counts a byte at ~2.5 GB/s, and bytes.replace with a longer
  * replacement runs at ~0.5-1 GB/s); here they run at memchr/memcpy speed.
  *
- * Every function reads one buffer (bytes, bytearray, mmap...) within bounds clamped to its length
- * and writes only into an object it allocated at the exact size it counted first.
+ * count_lf and separators read one buffer (bytes, bytearray, mmap...) within bounds clamped to its
+ * length. to_crlf and to_wire take only bytes: they count, allocate, then copy, and a buffer
+ * another process can change in between (a MAP_SHARED mapping) would make the copy outgrow the
+ * count; each write is bounded by the allocation too.
  */
 #define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
@@ -14,16 +16,20 @@
 #include <stdint.h>
 #include <string.h>
 
-/* [start, end) clamped to [0, len] like a slice with non-negative bounds. */
-static void
+/* [start, end) clamped to [0, len] like a slice; a negative bound is refused (ValueError), never
+ * read before the buffer or counted from its end. Returns -1 with the exception set. */
+static int
 clamp(Py_ssize_t len, Py_ssize_t *start, Py_ssize_t *end)
 {
-    if (*start < 0)
-        *start = 0;
+    if (*start < 0 || *end < 0) {
+        PyErr_SetString(PyExc_ValueError, "start and end must be >= 0");
+        return -1;
+    }
     if (*end > len)
         *end = len;
     if (*start > *end)
         *start = *end;
+    return 0;
 }
 
 /* Occurrences of byte c in s[0:n): eight bytes per step, no branch per byte.
@@ -67,7 +73,10 @@ count_lf(PyObject *module, PyObject *args)
     Py_ssize_t start, end;
     if (!PyArg_ParseTuple(args, "y*nn:count_lf", &view, &start, &end))
         return NULL;
-    clamp(view.len, &start, &end);
+    if (clamp(view.len, &start, &end) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
     Py_ssize_t k = count_byte((const unsigned char *)view.buf + start, end - start, '\n');
     PyBuffer_Release(&view);
     return PyLong_FromSsize_t(k);
@@ -87,15 +96,18 @@ separators(PyObject *module, PyObject *args)
     Py_ssize_t start, end;
     if (!PyArg_ParseTuple(args, "y*nn:separators", &view, &start, &end))
         return NULL;
-    clamp(view.len, &start, &end);
+    if (clamp(view.len, &start, &end) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         PyBuffer_Release(&view);
         return NULL;
     }
     const char *s = view.buf;
-    /* A match starting before end may run up to 5 octets past it. */
-    Py_ssize_t limit = end + 5 < view.len ? end + 5 : view.len;
+    /* A match starting before end may run up to 5 octets past it (end <= len: no overflow). */
+    Py_ssize_t limit = view.len - end > 5 ? end + 5 : view.len;
     Py_ssize_t pos = start;
     while (limit - pos >= 6) {
         const char *hit = memmem(s + pos, (size_t)(limit - pos), needle, 6);
@@ -118,28 +130,38 @@ separators(PyObject *module, PyObject *args)
     return out;
 }
 
-/* Copy s[0:n) to d with every bare LF written as CR LF (a CR LF stays as it is); with `stuff`,
- * also double a dot that starts a line: after a LF, or at s if at_line_start. Returns the end of
- * what was written: at most n + (LFs) octets, or n + 2 * (LFs) + 1 with `stuff`. */
+/* Copy s[0:n) to d[0:cap) with every bare LF written as CR LF (a CR LF stays as it is); with
+ * `stuff`, also double a dot that starts a line: after a LF, or at s if at_line_start. Returns the
+ * end of what was written (at most n + (LFs) octets, or n + 2 * (LFs) + 1 with `stuff`), or NULL
+ * if it would not fit in cap: s changed since it was counted. */
 static char *
-copy_lines(const char *s, Py_ssize_t n, char *d, int stuff, int at_line_start)
+copy_lines(const char *s, Py_ssize_t n, char *d, Py_ssize_t cap, int stuff, int at_line_start)
 {
     const char *p = s, *stop = s + n;
-    if (stuff && at_line_start && p < stop && *p == '.')
+    char *dend = d + cap;
+    if (stuff && at_line_start && p < stop && *p == '.') {
+        if (d == dend)
+            return NULL;
         *d++ = '.';
+    }
     while (p < stop) {
         const char *lf = memchr(p, '\n', (size_t)(stop - p));
-        if (lf == NULL) {
-            memcpy(d, p, (size_t)(stop - p));
-            return d + (stop - p);
-        }
-        memcpy(d, p, (size_t)(lf - p));
-        d += lf - p;
-        if (lf == s || lf[-1] != '\r')
+        Py_ssize_t k = (lf == NULL ? stop : lf) - p;
+        if (k > dend - d)
+            return NULL;
+        memcpy(d, p, (size_t)k);
+        d += k;
+        if (lf == NULL)
+            break;
+        int cr = lf == s || lf[-1] != '\r';
+        p = lf + 1;
+        int dot = stuff && p < stop && *p == '.';
+        if (cr + 1 + dot > dend - d)
+            return NULL;
+        if (cr)
             *d++ = '\r';
         *d++ = '\n';
-        p = lf + 1;
-        if (stuff && p < stop && *p == '.')
+        if (dot)
             *d++ = '.';
     }
     return d;
@@ -158,57 +180,69 @@ count_pairs(const char *s, Py_ssize_t n, char first, char second)
     return k;
 }
 
+/* The result of copy_lines: `out` cut to what was written, or an error if it did not fit. */
+static PyObject *
+copied(PyObject *out, const char *end)
+{
+    if (end == NULL) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_SystemError, "pop3d._speedups: the input changed while copied");
+        return NULL;
+    }
+    Py_ssize_t written = end - PyBytes_AS_STRING(out);
+    if (written != PyBytes_GET_SIZE(out) && _PyBytes_Resize(&out, written) < 0)
+        return NULL;
+    return out;
+}
+
 PyDoc_STRVAR(to_crlf_doc,
-"to_crlf(buffer) -> bytes\n\n"
-"bytes(buffer).replace(b'\\r\\n', b'\\n').replace(b'\\n', b'\\r\\n'): every bare LF becomes CR LF;\n"
-"a CR LF, and a bare CR, stay as they are.");
+"to_crlf(chunk: bytes) -> bytes\n\n"
+"chunk.replace(b'\\r\\n', b'\\n').replace(b'\\n', b'\\r\\n'): every bare LF becomes CR LF;\n"
+"a CR LF, and a bare CR, stay as they are. Only bytes: a buffer that can change between the\n"
+"count and the copy is refused (TypeError).");
 
 static PyObject *
 to_crlf(PyObject *module, PyObject *args)
 {
-    Py_buffer view;
-    if (!PyArg_ParseTuple(args, "y*:to_crlf", &view))
+    PyObject *chunk;
+    if (!PyArg_ParseTuple(args, "S:to_crlf", &chunk))
         return NULL;
-    const char *s = view.buf;
-    Py_ssize_t bare = count_byte((const unsigned char *)s, view.len, '\n');
-    if (memchr(s, '\r', (size_t)view.len) != NULL) /* rare: take out the LFs after a CR */
-        bare -= count_pairs(s, view.len, '\r', '\n');
-    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + bare);
-    if (out == NULL) {
-        PyBuffer_Release(&view);
+    const char *s = PyBytes_AS_STRING(chunk);
+    Py_ssize_t n = PyBytes_GET_SIZE(chunk);
+    Py_ssize_t bare = count_byte((const unsigned char *)s, n, '\n');
+    if (memchr(s, '\r', (size_t)n) != NULL) /* rare: take out the LFs after a CR */
+        bare -= count_pairs(s, n, '\r', '\n');
+    if (bare > PY_SSIZE_T_MAX - n)
+        return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n + bare);
+    if (out == NULL)
         return NULL;
-    }
-    copy_lines(s, view.len, PyBytes_AS_STRING(out), 0, 0);
-    PyBuffer_Release(&view);
-    return out;
+    return copied(out, copy_lines(s, n, PyBytes_AS_STRING(out), n + bare, 0, 0));
 }
 
 PyDoc_STRVAR(to_wire_doc,
-"to_wire(buffer, at_line_start) -> bytes\n\n"
-"to_crlf(buffer) with every dot that starts a line doubled (the first octet's only if\n"
-"at_line_start): message octets as RETR sends them, in one pass.");
+"to_wire(chunk: bytes, at_line_start) -> bytes\n\n"
+"to_crlf(chunk) with every dot that starts a line doubled (the first octet's only if\n"
+"at_line_start): message octets as RETR sends them, in one pass. Only bytes, as to_crlf.");
 
 static PyObject *
 to_wire(PyObject *module, PyObject *args)
 {
-    Py_buffer view;
+    PyObject *chunk;
     int at_line_start;
-    if (!PyArg_ParseTuple(args, "y*p:to_wire", &view, &at_line_start))
+    if (!PyArg_ParseTuple(args, "Sp:to_wire", &chunk, &at_line_start))
         return NULL;
-    const char *s = view.buf;
+    const char *s = PyBytes_AS_STRING(chunk);
+    Py_ssize_t n = PyBytes_GET_SIZE(chunk);
     /* Each LF adds at most a CR and a dot: allocate for that, then shrink to what was written. */
-    Py_ssize_t lfs = count_byte((const unsigned char *)s, view.len, '\n');
-    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len + 2 * lfs + 1);
-    if (out == NULL) {
-        PyBuffer_Release(&view);
+    Py_ssize_t lfs = count_byte((const unsigned char *)s, n, '\n');
+    if (lfs > (PY_SSIZE_T_MAX - 1 - n) / 2)
+        return PyErr_NoMemory();
+    Py_ssize_t cap = n + 2 * lfs + 1;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
         return NULL;
-    }
-    char *start = PyBytes_AS_STRING(out);
-    char *end = copy_lines(s, view.len, start, 1, at_line_start);
-    PyBuffer_Release(&view);
-    if (_PyBytes_Resize(&out, end - start) < 0)
-        return NULL;
-    return out;
+    return copied(out, copy_lines(s, n, PyBytes_AS_STRING(out), cap, 1, at_line_start));
 }
 
 static PyMethodDef methods[] = {

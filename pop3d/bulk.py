@@ -51,7 +51,9 @@ def py_separators(buf: bytes, start: int, end: int) -> list[int]:
 
 
 def py_to_crlf(chunk: bytes) -> bytes:
-    """Every bare LF becomes CR LF; a CR LF, and a bare CR, stay as they are."""
+    """Every bare LF becomes CR LF; a CR LF, and a bare CR, stay as they are.
+
+    chunk is bytes (the C version refuses anything else: a buffer that changes while copied)."""
     if b"\r" in chunk:
         chunk = chunk.replace(b"\r\n", b"\n")
     return chunk.replace(b"\n", b"\r\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -81,17 +82,45 @@ def test_long_buffers_and_every_word_offset():
 
 
 @needs_c
-def test_bounds_are_clamped_and_buffers_accepted(tmp_path):
+def test_bounds_beyond_the_buffer_are_clamped_and_read_only_buffers_accepted(tmp_path):
     buf = b"x\n\nFrom a\n\nFrom b\n"
-    assert _speedups.count_lf(buf, -5, 10**9) == buf.count(b"\n")
+    for huge in (10**9, sys.maxsize):
+        assert _speedups.count_lf(buf, 0, huge) == buf.count(b"\n")
+        assert _speedups.count_lf(buf, huge, huge) == 0
+        assert _speedups.separators(buf, 0, huge) == [2, 10]
+        assert _speedups.separators(buf, huge - 1, huge) == []
     assert _speedups.separators(buf, 5, 2) == []
-    assert _speedups.separators(buf, 0, 10**9) == [2, 10]
     path = tmp_path / "m"
     path.write_bytes(buf)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert _speedups.separators(m, 0, len(m)) == [2, 10]
         assert _speedups.count_lf(m, 0, len(m)) == 5
-    assert _speedups.to_crlf(bytearray(b"a\nb")) == b"a\r\nb"
-    assert _speedups.to_wire(memoryview(b".\n.\n"), True) == b"..\r\n..\r\n"
-    with pytest.raises(TypeError):
-        _speedups.to_crlf("text")
+
+
+@needs_c
+@pytest.mark.parametrize("bounds", [(-1, 5), (0, -1), (-5, -3), (-sys.maxsize - 1, sys.maxsize)])
+def test_negative_bounds_are_refused(bounds):
+    """A negative bound is an error, not a read before the buffer (UBSan: pointer overflow) nor,
+    as in a slice, a count from the end."""
+    for function in (_speedups.count_lf, _speedups.separators):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            function(b"x\n\nFrom a\n", *bounds)
+
+
+@needs_c
+def test_transforms_take_only_bytes(tmp_path):
+    """to_crlf/to_wire count the LFs, allocate, then copy: a buffer that changed in between (a
+    MAP_SHARED mapping another process writes to) overflowed the heap (ASan). Only bytes, which
+    cannot change, are taken."""
+    path = tmp_path / "m"
+    path.write_bytes(b"a\n.b\n" * 100)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED) as shared:
+        changing = (bytearray(b"a\nb"), memoryview(b".\n.\n"), memoryview(bytearray(b"\n")), shared, "text")
+        for buf in changing:
+            with pytest.raises(TypeError, match="must be bytes"):
+                _speedups.to_crlf(buf)
+            with pytest.raises(TypeError, match="must be bytes"):
+                _speedups.to_wire(buf, True)
+        chunk = shared[:]
+    assert _speedups.to_crlf(chunk) == bulk.py_to_crlf(chunk) == b"a\r\n.b\r\n" * 100
+    assert _speedups.to_wire(chunk, True) == b"a\r\n..b\r\n" * 100
