@@ -135,7 +135,8 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "tls": (None, _choice("none", "starttls", "implicit")),
     "tls_cert": ("", _path),
     "tls_key": ("", _path),
-    "tls_ciphers": ("", _text),
+    # AEAD, forward-secret suites only (issue 12): see limits.TLS12_CIPHERS.
+    "tls_ciphers": (limits.TLS12_CIPHERS, _text),
     "tls_min_version": ("tlsv1.2", _choice("tlsv1.2", "tlsv1.3")),
     "plaintext_auth": (None, _choice("yes", "tls")),
     "plaintext_on_loopback": (False, _bool),

@@ -69,6 +69,13 @@ MBOX_PARALLEL_SCAN = 32 * 1024 * 1024
 # mbox: octets of From_ line + header block hashed into a UID (bounded work for a giant header).
 # Changing it renames the UIDs of messages whose headers are longer: clients re-download those.
 UID_HEADER_CAP = 64 * 1024
+# tls: TLS 1.2 suites offered by default (tls_ciphers): Mozilla's "intermediate" profile (v5.7),
+# AEAD and forward-secret only (no CBC: LUCKY13 and kin). Its DHE-RSA suites are left out: pop3d
+# loads no DH parameters, so OpenSSL could never choose them. TLS 1.3 suites are all AEAD already.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 # tls: the whole handshake (STLS or implicit) must finish within this, or within the idle timeout
 # if shorter: a client that connects and never completes it must not hold a process.
 TLS_HANDSHAKE_TIMEOUT = 60.0

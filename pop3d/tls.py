@@ -14,6 +14,7 @@ import socket
 import ssl
 import time
 
+from pop3d import limits
 from pop3d.config import ConfigError
 
 TYPE_CHECKING = False
@@ -66,9 +67,17 @@ def reload_server_context(config: Config) -> ssl.SSLContext:
 
 
 def make_context(
-    cert: str, key: str = "", *, ciphers: str = "", min_version: str = "tlsv1.2", now: float | None = None
+    cert: str,
+    key: str = "",
+    *,
+    ciphers: str = limits.TLS12_CIPHERS,
+    min_version: str = "tlsv1.2",
+    now: float | None = None,
 ) -> ssl.SSLContext:
-    """A server context for the PEM certificate chain in `cert` and the key in `key` (or in `cert`)."""
+    """A server context for the PEM certificate chain in `cert` and the key in `key` (or in `cert`).
+
+    `ciphers` is an OpenSSL list for TLS 1.2 ("": pop3d's default, never OpenSSL's, which offers
+    CBC suites)."""
     cert_pem = _read("tls_cert", cert)
     if key:
         key_pem = _read("tls_key", key)
@@ -90,11 +99,10 @@ def make_context(
     # One process per connection: a session ticket could only be redeemed by this process (inetd)
     # or not at all, so sending them is wasted work and bytes.
     context.num_tickets = 0
-    if ciphers:
-        try:
-            context.set_ciphers(ciphers)
-        except ssl.SSLError:
-            raise TlsConfigError(f"tls_ciphers: {ciphers!r} selects no cipher") from None
+    try:
+        context.set_ciphers(ciphers or limits.TLS12_CIPHERS)
+    except ssl.SSLError:
+        raise TlsConfigError(f"tls_ciphers: {ciphers!r} selects no cipher") from None
     try:
         # The first certificate in the file is ours; the ones after it are the chain we send.
         context.load_cert_chain(cert, key or None, password=_no_passphrase)

@@ -619,6 +619,53 @@ def test_openssl_s_client_reads_capa(env: Pop3Env, certs: Certs, listen, mode: s
     assert b"IMPLEMENTATION pop3d\r\n.\r\n+OK Bye.\r\n" in out
 
 
+# Every CBC suite OpenSSL 3 has for TLS 1.2 with ECDHE, DHE or RSA key exchange (LUCKY13 and kin).
+CBC_SUITES = (
+    "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:"
+    "ECDHE-RSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES128-SHA:"
+    "ECDHE-RSA-AES256-SHA:DHE-RSA-AES128-SHA256:DHE-RSA-AES256-SHA256:AES128-SHA256:AES256-SHA256:"
+    "AES128-SHA:AES256-SHA"
+)
+
+
+AEAD_SUITES = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+)
+
+
+def s_client(certs: Certs, port: int, *options: str) -> tuple[bool, str]:
+    """One implicit-TLS handshake by `openssl s_client` offering only what `options` say:
+    (whether it completed and pop3d greeted, s_client's summary of the session)."""
+    args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(certs.ca_file)]
+    args += ["-verify_return_error", "-crlf", "-ign_eof", "-brief", *options]
+    proc = subprocess.run(args, input=b"QUIT\n", capture_output=True, timeout=60)
+    greeted = proc.returncode == 0 and b"+OK" in proc.stdout
+    return greeted, proc.stderr.decode(errors="replace")
+
+
+@needs_openssl
+def test_tls12_offers_only_aead_forward_secret_suites_by_default(env: Pop3Env, certs: Certs, listen) -> None:
+    """sslscan/testssl found CBC suites offered (issue 12): a client offering only those is refused,
+    AEAD suites are accepted, TLS 1.3 is unaffected; tls_ciphers still chooses."""
+    port = listen(tls="implicit")
+    greeted, summary = s_client(certs, port, "-tls1_2", "-cipher", CBC_SUITES)
+    assert not greeted and "handshake failure" in summary, summary
+    refusal = "TLS handshake failed: rip=127.0.0.1: TLS error: NO_SHARED_CIPHER"
+    assert wait_for(lambda: refusal in env.log_text())
+    for suite in AEAD_SUITES:
+        greeted, summary = s_client(certs, port, "-tls1_2", "-cipher", suite)
+        assert greeted and "Protocol version: TLSv1.2" in summary, summary
+        assert f"Ciphersuite: {suite}" in summary, summary
+    greeted, summary = s_client(certs, port, "-tls1_3")
+    assert greeted and "Protocol version: TLSv1.3" in summary, summary
+
+    port = listen(tls="implicit", tls_ciphers="ECDHE-ECDSA-AES128-SHA256")  # the administrator's choice
+    greeted, summary = s_client(certs, port, "-tls1_2", "-cipher", CBC_SUITES)
+    assert greeted and "Ciphersuite: ECDHE-ECDSA-AES128-SHA256" in summary, summary
+
+
 @needs_mpop
 @pytest.mark.parametrize("starttls", ["on", "off"])
 def test_mpop_retrieves_messages_intact(env: Pop3Env, certs: Certs, listen, starttls: str) -> None:
