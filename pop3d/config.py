@@ -131,6 +131,9 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "max_auth_failures": (limits.DEFAULT_MAX_AUTH_FAILURES, _number(1, 100, int)),
     "max_sessions": (100, _number(1, 100000, int)),
     "max_sessions_per_ip": (10, _number(1, 100000, int)),
+    # IPv6 clients are counted per /64: a site gets a /64 (RFC 6177) and picks its addresses in it
+    # at will (RFC 8981 privacy addresses), so a count per address would not bound anyone.
+    "max_sessions_per_ip_v6_prefix": (64, _number(1, 128, int)),
     # TLS (issue 5). None = decided in _check from the other keys.
     "tls": (None, _choice("none", "starttls", "implicit")),
     "tls_cert": ("", _path),

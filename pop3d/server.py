@@ -37,6 +37,23 @@ BUSY_REPLY = b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n"
 BUSY_PEER_REPLY = b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
 
 
+def client_of(address: object, v6_prefix: int) -> str:
+    """Which client a connection counts against for max_sessions_per_ip: an IPv4 address, the
+    IPv6 network of its first `v6_prefix` bits ("2001:db8:0:1::/64": one site, however many
+    addresses it takes), or "local" (a Unix socket). The one place that decides it.
+    """
+    if not isinstance(address, tuple):
+        return "local"
+    host = str(address[0]).partition("%")[0]  # a link-local address's zone is not the client
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]  # an IPv4 client on a dual-stack socket counts as that IPv4 address
+    if ":" not in host:
+        return host
+    import ipaddress
+
+    return str(ipaddress.IPv6Network((host, v6_prefix), strict=False))
+
+
 class ListenError(Exception):
     """An address cannot be parsed or bound, or an inherited socket is unusable."""
 
@@ -238,9 +255,7 @@ class Server:
                 log.error(f"accept: {e.strerror}")
                 return
             raise
-        peer = str(address[0]) if isinstance(address, tuple) else "local"
-        if peer.startswith("::ffff:"):
-            peer = peer[7:]  # an IPv4 client on a dual-stack socket counts as that IPv4 address
+        peer = client_of(address, int(self.config.max_sessions_per_ip_v6_prefix))  # type: ignore[call-overload]
         reply = self.refusal(peer)
         if reply is not None:
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,6 +251,106 @@ def test_max_sessions_per_ip(env: Pop3Env) -> None:
         assert "max_sessions_per_ip reached" in env.log_text()
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "client"),
+    [
+        (("2001:db8:1:2:aaaa::1", 110, 0, 0), 64, "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:ffff:1:2:3", 110, 0, 0), 64, "2001:db8:1:2::/64"),
+        (("2001:db8:1:3::1", 110, 0, 0), 64, "2001:db8:1:3::/64"),
+        (("2001:db8:1:2:aaaa::1", 110, 0, 0), 48, "2001:db8:1::/48"),
+        (("2001:db8:1:2:aaaa::1", 110, 0, 0), 128, "2001:db8:1:2:aaaa::1/128"),
+        (("fe80::1%eth0", 110, 0, 2), 64, "fe80::/64"),
+        (("::ffff:192.0.2.7", 110, 0, 0), 64, "192.0.2.7"),  # IPv4 on a dual-stack socket
+        (("192.0.2.7", 110), 64, "192.0.2.7"),
+        (("192.0.2.8", 110), 64, "192.0.2.8"),  # IPv4: per address
+        ("", 64, "local"),  # a Unix socket
+    ],
+)
+def test_which_client_a_connection_counts_against(address: object, prefix: int, client: str) -> None:
+    from pop3d.server import client_of
+
+    assert client_of(address, prefix) == client
+
+
+def netns_unavailable() -> str:
+    """Why this machine cannot give a test its own network namespace ("" if it can)."""
+    if os.geteuid() != 0:
+        return "a network namespace with its own addresses needs root"
+    for tool, package in (("unshare", "util-linux"), ("nsenter", "util-linux"), ("ip", "iproute2")):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (Debian package {package})"
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        return "unshare --net fails here (no CAP_SYS_ADMIN in this container?)"
+    return ""
+
+
+# Clients from fd00:12::a and fd00:12::b share a /64; fd00:13::c is another site.
+NETNS_ADDRESSES = ("fd00:12::a", "fd00:12::b", "fd00:13::c")
+NETNS_CLIENTS = """
+import socket, sys
+held = []
+for source in sys.argv[2:]:
+    sock = socket.socket(socket.AF_INET6)
+    sock.settimeout(20)
+    sock.bind((source, 0))
+    sock.connect(("::1", int(sys.argv[1])))
+    line = b""
+    while not line.endswith(b"\\n"):
+        data = sock.recv(200)
+        if not data:
+            break
+        line += data
+    print(source, line.decode().strip(), flush=True)
+    held.append(sock)  # each greeted session stays open until the last client has its answer
+"""
+
+
+@pytest.mark.skipif(bool(netns_unavailable()), reason=netns_unavailable() or "-")
+@pytest.mark.parametrize(("prefix", "b_answer"), [(None, "-ERR"), (128, "+OK")])
+def test_max_sessions_per_ip_counts_an_ipv6_slash_64_as_one_client(env: Pop3Env, prefix, b_answer) -> None:
+    """--listen on ::1 in a network namespace whose loopback has addresses in two /64s: with
+    max_sessions_per_ip = 1 a second address of the same /64 is refused (it was a new client when
+    counted per address), another /64 is served; max_sessions_per_ip_v6_prefix = 128 counts
+    each address."""
+    env.write_config(max_sessions_per_ip=1, max_sessions_per_ip_v6_prefix=prefix)
+    port = 1110
+    setup = "ip link set lo up" + "".join(f" && ip -6 addr add {a}/64 dev lo nodad" for a in NETNS_ADDRESSES)
+    in_netns = ["unshare", "--net", "--", "sh", "-c", f'{setup} && exec "$@"', "sh"]
+    server = subprocess.Popen(
+        [*in_netns, *env.command("--listen", f"[::1]:{port}")],
+        cwd=str(ROOT),
+        env=child_env(),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: f"listening on [::1]:{port}" in env.log_text() or server.poll() is not None)
+        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        enter = ["nsenter", f"--net=/proc/{server.pid}/ns/net"]
+        clients = subprocess.run(
+            [*enter, sys.executable, "-c", NETNS_CLIENTS, str(port), *NETNS_ADDRESSES],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert clients.returncode == 0, clients.stderr
+        answers = dict(line.split(" ", 1) for line in clients.stdout.splitlines())
+        assert answers["fd00:12::a"].startswith("+OK")
+        if b_answer == "-ERR":
+            assert (
+                answers["fd00:12::b"]
+                == "-ERR [SYS/TEMP] Too many sessions from your address; try again later."
+            )
+            assert "refusing fd00:12::/64: max_sessions_per_ip reached" in env.log_text()
+        else:
+            assert answers["fd00:12::b"].startswith("+OK")
+        assert answers["fd00:13::c"].startswith("+OK")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        if server.stderr:
+            server.stderr.close()
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
