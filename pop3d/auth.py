@@ -117,9 +117,9 @@ class HtpasswdAuthenticator:
         hash verification a real user costs, so timing does not tell them apart. Raises
         AuthUnavailableError only when the file (or a needed hash backend) is unusable.
         """
-        secret = _decode_password(password)
-        if len(secret.encode("utf-8")) > limits.MAX_PASSWORD:
+        if len(password) > limits.MAX_PASSWORD:
             return False  # bounded hashing cost; says nothing about the user
+        secret = _decode_password(password)
         data = _read_file(self.path)
         try:
             want: bytes | None = name.encode("utf-8")
@@ -143,9 +143,10 @@ class HtpasswdAuthenticator:
             # and do not stop at the first match.
             if want is not None and compare(user, want) and found is None:
                 found = usable or ""
-        if found:
+        if found and secret is not None:
             return _verify(secret, found)
-        _verify(secret, template or _DUMMY_HASH)  # spend what a real check spends
+        # Spend what a real check spends (a password that is not UTF-8: against the user's hash).
+        _verify(password.decode("utf-8", "replace"), found or template or _DUMMY_HASH)
         return False
 
 
@@ -198,7 +199,7 @@ class SystemAuthenticator:
         crypt = _load_crypt()
         if crypt is not None:
             try:
-                crypt(_decode_password(password[: limits.MAX_PASSWORD]), _DUMMY_SYSTEM_SETTING)
+                crypt(password[: limits.MAX_PASSWORD].decode("utf-8", "replace"), _DUMMY_SYSTEM_SETTING)
             except (ValueError, OSError):
                 pass
         return None
@@ -438,13 +439,17 @@ def hash_password(password: str, scheme: str = "bcrypt") -> str:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _decode_password(raw: bytes) -> str:
-    """UTF-8 if it is, else latin-1: every byte string gets one str, and crypt(3), bcrypt and
-    passlib then all hash the same UTF-8 octets (surrogates would make crypt(3) raise)."""
+def _decode_password(raw: bytes) -> str | None:
+    """The password as str if `raw` is UTF-8, else None: it never verifies.
+
+    A password is the UTF-8 octets the client sent, and crypt(3), bcrypt and passlib all hash
+    exactly those (the str's UTF-8 encoding is `raw` again), so no two byte strings verify
+    against one hash. (A latin-1 fallback made b"\\xe9" and b"\\xc3\\xa9" one password; and
+    `_crypt` cannot hash octets that are not UTF-8, so "those octets" cannot be the rule.)"""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return None
 
 
 def _read_file(path: str) -> bytes:

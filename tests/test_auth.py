@@ -166,13 +166,30 @@ def test_scheme_verifies_right_and_refuses_wrong(tmp_path: Path, scheme: str) ->
     assert not authn.authenticate("Alice", RIGHT.encode())
 
 
-@pytest.mark.parametrize("scheme", ["bcrypt-2b", "sha512_crypt", "apr_md5_crypt", "ldap_sha1"])
-def test_non_utf8_password_is_read_as_latin1(tmp_path: Path, scheme: str) -> None:
-    """UTF-8 bytes decode as UTF-8; anything else as latin-1, the same for every backend."""
+@pytest.mark.parametrize("scheme", list(HASHERS))
+@pytest.mark.parametrize("backend", ["crypt(3)", "bcrypt or passlib"])
+def test_a_password_is_the_utf8_octets_sent(
+    tmp_path: Path, scheme: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the UTF-8 octets of the hashed text verify, whichever backend checks: a latin-1
+    fallback made b"p\\xe4ssw\\xf6rd" verify against the hash of "pässwörd" too (two byte strings,
+    one hash). A password that is not UTF-8 never verifies."""
+    if backend != "crypt(3)":
+        if scheme == "yescrypt":
+            pytest.skip("only crypt(3) verifies yescrypt")
+        monkeypatch.setattr(auth, "_crypt_fn", None)
     authn = _htpasswd(tmp_path, f"alice:{HASHERS[scheme]('pässwörd')}\n")
     assert authn.authenticate("alice", "pässwörd".encode())
-    assert authn.authenticate("alice", "pässwörd".encode("latin-1"))
-    assert not authn.authenticate("alice", b"p\xe4ssw\xf6rt")
+    for other in ("latin-1", "cp850", "utf-16-le"):
+        assert not authn.authenticate("alice", "pässwörd".encode(other)), other
+    assert not authn.authenticate("alice", "pässwörd".encode() + b"\xff")
+
+
+def test_a_password_that_is_not_utf8_costs_a_verification(tmp_path: Path, spy: list) -> None:
+    hashed = HASHERS["sha512_crypt"]("pässwörd")
+    authn = _htpasswd(tmp_path, f"alice:{hashed}\n")
+    assert not authn.authenticate("alice", "pässwörd".encode("latin-1"))
+    assert spy == [("p\ufffdssw\ufffdrd", hashed)]  # against alice's own hash: a wrong password's cost
 
 
 @pytest.mark.parametrize("scheme", CRYPT_SCHEMES)
@@ -284,8 +301,8 @@ def test_dummy_hash_costs_a_real_bcrypt() -> None:
 def test_overlong_password_refused_before_hashing(tmp_path: Path, spy: list) -> None:
     authn = _htpasswd(tmp_path, f"alice:{HASHERS['sha512_crypt']('x')}\n")
     assert not authn.authenticate("alice", b"x" * (limits.MAX_PASSWORD + 1))
-    # latin-1 fallback doubles the UTF-8 length: the bound is on what is hashed.
-    assert not authn.authenticate("alice", b"\xe9" * (limits.MAX_PASSWORD // 2 + 1))
+    # The bound is on the octets sent, which are what is hashed.
+    assert not authn.authenticate("alice", "é".encode() * (limits.MAX_PASSWORD // 2) + b"x")
     assert spy == []
 
 

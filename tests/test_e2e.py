@@ -167,6 +167,24 @@ def test_wrong_password_and_unknown_user_look_the_same(env: Pop3Env) -> None:
     assert replies == [b"-ERR [AUTH] Authentication failed."] * 3
 
 
+def test_htpasswd_password_is_the_utf8_octets_sent(env: Pop3Env) -> None:
+    """A client sending its password in latin-1 logged in against the hash of its UTF-8 form
+    (a latin-1 fallback: two byte strings, one hash). Only the UTF-8 octets do now."""
+    env.add_user("carol", "pässwörd")
+    client = env.client()
+    client.encoding = "latin-1"  # poplib sends PASS p\xe4ssw\xf6rd
+    client.user("carol")
+    with pytest.raises(poplib.error_proto) as info:
+        client.pass_("pässwörd")
+    assert info.value.args[0] == b"-ERR [AUTH] Authentication failed."
+    client.quit()
+    client = env.client()
+    client.user("carol")
+    assert client.pass_("pässwörd").startswith(b"+OK")
+    client.quit()
+    assert finish(client) == 0
+
+
 def test_missing_mailbox_is_empty(env: Pop3Env) -> None:
     client = login(env)
     assert client.stat() == (0, 0)
