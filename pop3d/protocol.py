@@ -382,11 +382,13 @@ class Pop3Core:
             return None
         # PASS takes the rest of the line; a USER name is judged by authentication, so that an
         # over-long or malformed name is refused exactly like a wrong password (and addresses
-        # longer than 40 octets can log in).
+        # longer than 40 octets can log in). AUTH's initial response is bounded by the command
+        # line alone (RFC 5034 section 4: 255 octets); the name and password it carries get
+        # USER's and PASS's bounds once decoded.
         if (
             len(rest) > limits.MAX_ARGUMENT  # else no argument can be longer (one check, not a loop)
             and keyword not in (b"PASS", b"USER")
-            and any(len(arg) > limits.MAX_ARGUMENT for arg in args)
+            and any(len(arg) > limits.MAX_ARGUMENT for arg in (args[:1] if keyword == b"AUTH" else args))
         ):
             self._bad("syntax")
             return None

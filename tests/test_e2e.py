@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import subprocess
@@ -181,6 +182,19 @@ def test_htpasswd_password_is_the_utf8_octets_sent(env: Pop3Env) -> None:
     client = env.client()
     client.user("carol")
     assert client.pass_("pässwörd").startswith(b"+OK")
+    client.quit()
+    assert finish(client) == 0
+
+
+def test_auth_plain_initial_response_longer_than_40_octets(env: Pop3Env) -> None:
+    """poplib has no AUTH: its raw command, as a client library sends it (RFC 5034 section 4:
+    bounded by the 255-octet line). pop3d refused it as a 41+ octet argument."""
+    user, password = "a-rather-long-mailbox-name@example.org", "correct horse battery staple"
+    env.add_user(user, password)
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    client = env.client()
+    assert client._shortcmd(f"AUTH PLAIN {token}").startswith(b"+OK")
+    assert client.stat() == (0, 0)
     client.quit()
     assert finish(client) == 0
 

@@ -83,6 +83,32 @@ def test_curl_lists_and_retrieves(env: Pop3Env, listening) -> None:
     assert len(got.stdout) == sizes[0]
 
 
+# An address as the user name and a pass phrase: their AUTH PLAIN initial response is far over
+# RFC 2449's 40-octet argument limit, and within the 255-octet line RFC 5034 bounds AUTH by.
+LONG_USER = "a-rather-long-mailbox-name@example.org"
+LONG_PASSWORD = "correct horse battery staple, and more of it"
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed (Debian package curl)")
+def test_curl_auth_plain_with_a_long_initial_response(env: Pop3Env, listening) -> None:
+    """curl --sasl-ir sends AUTH PLAIN with its credentials on the command line when they fit
+    255 octets; pop3d cut them at 40 ("Syntax error in arguments.")."""
+    port, _ = listening
+    env.add_user(LONG_USER, LONG_PASSWORD)
+    messages = sample_messages()[:2]
+    env.write_spool(mbox_bytes(messages), user=LONG_USER)
+    url = f"pop3://127.0.0.1:{port}/1"
+    sasl_ir = ["--sasl-ir", "--login-options", "AUTH=PLAIN", "--user", f"{LONG_USER}:{LONG_PASSWORD}"]
+    got = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", *sasl_ir, url],
+        capture_output=True,
+        timeout=60,
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == wire_form(messages[0])
+    assert f"login: user={LONG_USER}" in env.log_text()
+
+
 def test_sigterm_stops_the_server(env: Pop3Env, listening) -> None:
     port, proc = listening
     proc.send_signal(signal.SIGTERM)

@@ -419,6 +419,27 @@ def test_sasl_plain_with_initial_response() -> None:
     assert requests[0].user == b"alice"
 
 
+def test_sasl_plain_initial_response_is_bounded_by_the_line_not_the_argument_limit() -> None:
+    """RFC 5034 section 4: AUTH with an initial response is bounded by the 255-octet command line
+    (CRLF included), not by RFC 2449's 40-octet argument limit, which cut every real one."""
+    import base64
+
+    user, password = b"u" * limits.MAX_USERNAME, b"p" * 110
+    token = base64.b64encode(b"\0" + user + b"\0" + password)
+    line = b"AUTH PLAIN " + token + b"\r\n"
+    assert len(token) > limits.MAX_ARGUMENT and len(line) <= limits.MAX_COMMAND_LINE
+    core = Pop3Core(protocol.Options(sasl_mechanisms=(b"PLAIN",)))
+    core.data_to_send()
+    _, requests = drive(core, line)
+    assert len(requests) == 1 and isinstance(requests[0], Authenticate)
+    assert (requests[0].user, requests[0].password) == (user, password)
+    # The mechanism name is still an argument of at most 40 octets; the line at most 255.
+    core = Pop3Core(protocol.Options(sasl_mechanisms=(b"PLAIN",)))
+    core.data_to_send()
+    assert exchange(core, b"AUTH " + b"P" * 41 + b" =\r\n") == b"-ERR Syntax error in arguments.\r\n"
+    assert exchange(core, b"AUTH PLAIN " + b"A" * 244 + b"\r\n") == b"-ERR Line too long.\r\n"
+
+
 def test_sasl_plain_continuation_and_refusals() -> None:
     import base64
 
