@@ -499,7 +499,7 @@ class Pop3Core:
             if self.options.stls_available and not self.tls_active:
                 caps.append(b"STLS")
         caps.append(b"IMPLEMENTATION " + self.options.implementation)
-        self._out += wire.multiline(wire.ok(b"Capability list follows."), caps)
+        self._out += wire.multiline(wire.ok(b"Capability list follows"), caps)
 
     def _cmd_quit(self, args: list[bytes], rest: bytes) -> Commit | None:
         if self.state == TRANSACTION:

@@ -109,6 +109,24 @@ def test_curl_auth_plain_with_a_long_initial_response(env: Pop3Env, listening) -
     assert f"login: user={LONG_USER}" in env.log_text()
 
 
+@pytest.mark.skipif(not shutil.which("nmap"), reason="nmap is not installed (Debian package nmap)")
+def test_nmap_pop3_capabilities_lists_them(env: Pop3Env, listening) -> None:
+    """nmap's pop3-capabilities reads the CAPA answer up to its first "." (nselib/pop3.lua):
+    "+OK Capability list follows." gave it an empty list, and it printed nothing."""
+    port, _ = listening
+    scan = subprocess.run(
+        ["nmap", "-n", "-Pn", "-sT", "-p", str(port), "--script", "+pop3-capabilities", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert scan.returncode == 0, scan.stderr
+    found = [line for line in scan.stdout.splitlines() if "pop3-capabilities:" in line]
+    assert len(found) == 1, scan.stdout
+    listed = found[0].split("pop3-capabilities:", 1)[1].split()
+    assert {"USER", "TOP", "UIDL", "PIPELINING", "SASL(PLAIN", "IMPLEMENTATION(pop3d)"} <= set(listed)
+
+
 def test_sigterm_stops_the_server(env: Pop3Env, listening) -> None:
     port, proc = listening
     proc.send_signal(signal.SIGTERM)

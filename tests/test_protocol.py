@@ -87,7 +87,7 @@ def test_greeting_has_no_apop_timestamp() -> None:
 
 def test_capa_before_login(core: Pop3Core) -> None:
     assert exchange(core, b"CAPA\r\n") == (
-        b"+OK Capability list follows.\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
         b"PIPELINING\r\nEXPIRE NEVER\r\nUSER\r\nIMPLEMENTATION pop3d\r\n.\r\n"
     )
 

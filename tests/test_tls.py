@@ -614,7 +614,7 @@ def test_openssl_s_client_reads_capa(env: Pop3Env, certs: Certs, listen, mode: s
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert b"Verify return code: 0 (ok)" in out
-    capa = out.split(b"+OK Capability list follows.\r\n", 1)[1].split(b"\r\n.\r\n", 1)[0].split(b"\r\n")
+    capa = out.split(b"+OK Capability list follows\r\n", 1)[1].split(b"\r\n.\r\n", 1)[0].split(b"\r\n")
     assert b"USER" in capa and b"SASL PLAIN LOGIN" in capa and b"STLS" not in capa
     assert b"IMPLEMENTATION pop3d\r\n.\r\n+OK Bye.\r\n" in out
 
