@@ -282,14 +282,18 @@ def install_signal_handlers() -> None:
         signal.signal(signum, stop)
 
 
+# Where a launcher that hands pop3d something other than the client's own socket names the
+# client: tcpserver (pipes), xinetd, systemd, socat (EXEC and SYSTEM: a Unix socket pair).
+LAUNCHER_ADDRESS = ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR", "SOCAT_PEERADDR")
+
+
 def peer_name(fd: int = 0) -> str:
     """The client's address for the log.
 
     The socket's peer first (inetd, xinetd, tcpserver and systemd all hand over the connected
     socket, and it cannot be spoofed by the environment), an IPv4-mapped IPv6 address shown as
-    IPv4; otherwise what a launcher put in the environment (TCPREMOTEIP from tcpserver,
-    REMOTE_HOST from xinetd, REMOTE_ADDR from systemd); otherwise "local" for a Unix socket and
-    "unknown" for pipes.
+    IPv4; otherwise what a launcher put in the environment (LAUNCHER_ADDRESS); otherwise
+    "local" for a Unix socket and "unknown" for pipes.
     """
     import stat
 
@@ -320,21 +324,27 @@ def peer_name(fd: int = 0) -> str:
             finally:
                 sock.close()
     if isinstance(address, tuple):
-        host = str(address[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return log.escape(host, 64)
-    for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
+        return log.escape(_ip_text(str(address[0])) or str(address[0]), 64)
+    value = launcher_address()
+    if value is not None:
+        return log.escape(_ip_text(value) or value, 64)
+    return "local" if is_socket else "unknown"
+
+
+def launcher_address() -> str | None:
+    """The client's address as the launcher put it in the environment, or None."""
+    for var in LAUNCHER_ADDRESS:
         value = os.environ.get(var)
         if value:
-            return log.escape(value, 64)
-    return "local" if is_socket else "unknown"
+            return value
+    return None
 
 
 def peer_is_local(fd: int) -> bool:
     """True if the client is on this host: a loopback address or a Unix socket (plaintext_on_loopback).
 
-    Decided from the socket itself, never from the launcher's environment.
+    Decided from the socket itself. A Unix socket is local unless a launcher says where its
+    client is (socat's EXEC hands a TCP client over on a socket pair): then that address decides.
     """
     try:  # the C module under `socket` (see peer_name)
         from _socket import AF_UNIX, socket
@@ -354,6 +364,36 @@ def peer_is_local(fd: int) -> bool:
     finally:
         sock.close()
     if family == AF_UNIX:
-        return True
-    host = str(address[0]).removeprefix("::ffff:")
-    return host.startswith("127.") or host == "::1"
+        launcher = launcher_address()
+        return launcher is None or _is_loopback(launcher)
+    return _is_loopback(str(address[0]))
+
+
+def _ip_text(text: str) -> str | None:
+    """An IP address in its usual form (IPv4-mapped IPv6 as IPv4; socat's "[0000:...:0001]" as
+    "::1"), or None if `text` is not one."""
+    try:
+        from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+    except ImportError:  # pragma: no cover - other interpreters
+        from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    for family in (AF_INET, AF_INET6):
+        try:
+            packed = inet_pton(family, text)
+        except (OSError, ValueError):
+            continue
+        if family == AF_INET6 and packed[:12] == bytes(10) + b"\xff\xff":
+            return inet_ntop(AF_INET, packed[12:])
+        return inet_ntop(family, packed)
+    return None
+
+
+def _is_loopback(text: str) -> bool:
+    """127.0.0.0/8 or ::1 (also IPv4-mapped); a name or anything else is not."""
+    address = _ip_text(text)
+    return address is not None and (
+        address == "::1" or (address.count(".") == 3 and address.startswith("127."))
+    )

@@ -61,6 +61,65 @@ SSA = shutil.which("systemd-socket-activate")
 needs_ssa = pytest.mark.skipif(SSA is None, reason="systemd-socket-activate is not installed (systemd)")
 
 
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this host that is not loopback (the source of the default route)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="needs socat (Debian package socat)")
+def test_socat_exec_names_the_client_and_a_remote_one_is_not_loopback(env: Pop3Env) -> None:
+    """Issue 12, finding 10: socat's default EXEC mode hands pop3d a Unix socket pair. pop3d
+    logged rip=local and, with plaintext_on_loopback, took USER/PASS in the clear from a remote
+    client. It reads SOCAT_PEERADDR, and that address decides what is loopback."""
+    import socket
+
+    remote = non_loopback_address()
+    if remote is None:
+        pytest.skip("no non-loopback IPv4 address on this host to connect from")
+    env.write_spool(mbox_bytes(sample_messages()[:1]))
+    env.write_config(plaintext_auth="tls", plaintext_on_loopback="yes")
+    launcher = write_launcher(env.base)
+    launched = launch(
+        # As socat's manual shows it: TCP-LISTEN, fork, EXEC of the command (a socket pair).
+        lambda port: ["socat", f"TCP-LISTEN:{port},reuseaddr,fork", f"EXEC:{launcher} -c {env.conf}"],
+        env.base / "socat.out",
+    )
+    try:
+        with socket.create_connection(
+            (remote, launched.port), timeout=IO_TIMEOUT, source_address=(remote, 0)
+        ) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"+OK")
+            sock.sendall(b"CAPA\r\nUSER alice\r\n")
+            capabilities = []
+            while (line := reader.readline()) != b".\r\n":
+                capabilities.append(line)
+            assert b"USER\r\n" not in capabilities
+            assert (
+                reader.readline()
+                == b"-ERR [AUTH] Plaintext authentication is disallowed; use STLS first.\r\n"
+            )
+            sock.sendall(b"QUIT\r\n")
+            assert reader.readline().startswith(b"+OK")
+        client = poplib.POP3("127.0.0.1", launched.port, timeout=IO_TIMEOUT)  # on loopback: allowed
+        client.user("alice")
+        assert client.pass_(PASSWORD).startswith(b"+OK Logged in")
+        client.quit()
+        lines = (f"disconnected before login: rip={remote} reason=quit", "login: user=alice rip=127.0.0.1")
+        assert wait_for(lambda: all(line in env.log_text() for line in lines)), env.log_text()
+        assert "rip=local" not in env.log_text()
+    finally:
+        launched.stop()
+
+
 def runs_as_mail_account(pid: int) -> None:
     status = proc_status(pid)
     uid = str(pwd.getpwnam(RUN_AS).pw_uid)

@@ -256,7 +256,7 @@ def test_mbox_owned_by_another_account_is_refused(env: Pop3Env) -> None:
 
 
 def test_peer_name_sources(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("TCPREMOTEIP", "REMOTE_HOST", "REMOTE_ADDR"):
+    for var in transport.LAUNCHER_ADDRESS:
         monkeypatch.delenv(var, raising=False)
     rfd, wfd = os.pipe()
     assert transport.peer_name(rfd) == "unknown"
@@ -280,6 +280,27 @@ def test_peer_name_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     assert transport.peer_name(accepted.fileno()) == "127.0.0.1"  # the socket wins over the environment
     for sock in (listener, client, accepted):
         sock.close()
+
+
+def test_a_socket_pair_from_a_network_launcher_is_where_the_launcher_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12, finding 10 (socat's EXEC: a Unix socket pair, the client in SOCAT_PEERADDR)."""
+    for var in transport.LAUNCHER_ADDRESS:
+        monkeypatch.delenv(var, raising=False)
+    a, b = socket.socketpair()
+    assert transport.peer_name(a.fileno()) == "local" and transport.peer_is_local(a.fileno())
+    for value, shown, local in (
+        ("198.51.100.4", "198.51.100.4", False),
+        ("[0000:0000:0000:0000:0000:0000:0000:0001]", "::1", True),  # socat's IPv6 form
+        ("[2001:0db8:0000:0000:0000:0000:0000:0007]", "2001:db8::7", False),
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.example.org", "127.example.org", False),  # a name is never loopback
+    ):
+        monkeypatch.setenv("SOCAT_PEERADDR", value)
+        assert (transport.peer_name(a.fileno()), transport.peer_is_local(a.fileno())) == (shown, local)
+    a.close()
+    b.close()
 
 
 def test_peer_name_ipv4_mapped() -> None:
