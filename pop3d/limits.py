@@ -79,3 +79,6 @@ TLS12_CIPHERS = (
 # tls: the whole handshake (STLS or implicit) must finish within this, or within the idle timeout
 # if shorter: a client that connects and never completes it must not hold a process.
 TLS_HANDSHAKE_TIMEOUT = 60.0
+# privsep: a log line the confined child sends to root, at most (a frame within PIPE_BUF, so it is
+# written whole or not at all); root escapes it and cuts it here.
+MAX_FORWARDED_LOG_LINE = 3072

@@ -10,9 +10,16 @@ import os
 import sys
 import time
 
+from pop3d import limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 _target = "stderr"
 _file = None
 _prefix = ""
+_sink = None  # redirect(): where lines go instead of the log
 
 INFO = 6  # syslog.LOG_INFO
 WARNING = 4  # syslog.LOG_WARNING
@@ -58,6 +65,26 @@ def close() -> None:
         _file = None
 
 
+def redirect(sink: Callable[[int, str], None]) -> None:
+    """Send every line to `sink(level, line)` instead, and let go of the log's descriptor (the
+    file; syslog's socket; stderr is the caller's to replace).
+
+    For the confined pre-authentication process: it must hold nothing it could truncate or
+    write forged lines to; root writes what it sends, escaped and attributed (privsep).
+    """
+    global _sink
+    close()
+    _sink = sink
+
+
+def forwarded(level: int, source: str, text: bytes) -> None:
+    """A line another process sent (`redirect`): escaped, bounded, attributed to `source`,
+    without this process's prefix."""
+    if level not in (INFO, WARNING, ERR):
+        level = ERR
+    _write(level, f"{source}: {escape(text, limits.MAX_FORWARDED_LOG_LINE)}")
+
+
 def set_prefix(prefix: str) -> None:
     """Text put before every line (e.g. the session's user and address)."""
     global _prefix
@@ -75,6 +102,13 @@ def escape(data: bytes | str, limit: int = 64) -> str:
 
 def log(level: int, message: str) -> None:
     line = _prefix + message
+    if _sink is not None:
+        _sink(level, line)
+        return
+    _write(level, line)
+
+
+def _write(level: int, line: str) -> None:
     try:
         if _target == "syslog":
             import syslog

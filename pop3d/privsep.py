@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-from pop3d import log, protocol
+from pop3d import limits, log, protocol
 from pop3d.session import Session
 from pop3d.transport import (
     Connection,
@@ -112,6 +112,7 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (to_root_r, to_child_w, *(relay[:1] if relay else ())):
                 os.close(fd)
+            _hand_logging_to_root(to_root_w)
             _preload_child()  # here, not before the fork: root does not wait for it
             child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1)
             status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
@@ -158,6 +159,7 @@ class _Monitor:
         self.conn = conn
         self.peer = peer
         self.pid = pid
+        self.child_pid = pid  # for the log, after the child is reaped
         self.rfd = rfd
         self.wfd = wfd
         self.relay = relay
@@ -191,6 +193,9 @@ class _Monitor:
                 if frame is None:
                     break  # the session ended before a login: QUIT, EOF, timeout, ...
                 kind, payload = frame
+                if kind == b"L":
+                    self._log(payload)
+                    continue
                 if kind != b"A" or failures >= allowed:
                     raise FrameError(f"unexpected frame {kind!r} after {failures} failures")
                 request = _parse_request(payload)
@@ -250,6 +255,7 @@ class _Monitor:
                 _signal(self.pid, signal.SIGKILL)
             _reaped(self.pid, 0)
             self.pid = 0
+            self._drain()
         for fd in (self.rfd, self.wfd, self.relay):
             if fd >= 0:
                 try:
@@ -257,6 +263,20 @@ class _Monitor:
                 except OSError:
                     pass
         self.rfd = self.wfd = self.relay = -1
+
+    def _log(self, payload: bytes) -> None:
+        """A line the child logged: written here, escaped, attributed to the child."""
+        if payload:
+            log.forwarded(payload[0], f"pre-auth[{self.child_pid}]", payload[1:])
+
+    def _drain(self) -> None:
+        """The child is gone: write the lines it logged since root last read (as a TLS relay)."""
+        try:
+            while (frame := recv(self.rfd)) is not None:
+                if frame[0] == b"L":
+                    self._log(frame[1])
+        except (FrameError, OSError):
+            pass
 
     def _transaction(
         self, conn: Connection, request: _Request, account: object, failures: int, reap: bool = False
@@ -401,6 +421,8 @@ class PreauthSession(Session):
         send(self.child.wfd, b"A", payload)
         frame = recv(self.child.rfd)
         if frame is not None and frame[0] == b"R" and self.conn.secure and self.child.relay >= 0:
+            # Root reads this pipe again only at the end: a line that does not fit is dropped.
+            os.set_blocking(self.child.wfd, False)
             status = 0
             try:
                 relay(self.conn, self.child.relay)  # type: ignore[arg-type]
@@ -480,6 +502,24 @@ def relay(tls: TlsConnection, fd: int) -> None:
     tls.close()
 
 
+def _hand_logging_to_root(fd: int) -> None:
+    """The child keeps no descriptor of a log (the log file, syslog's socket, stderr): it
+    could truncate the log or forge lines (`login: user=root`). Its lines go to root on `fd`
+    as frames (`L`, the level, the text), each small enough for one atomic pipe write."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+    def sink(level: int, line: str) -> None:
+        text = line.encode("utf-8", "backslashreplace")[: limits.MAX_FORWARDED_LOG_LINE]
+        try:
+            send(fd, b"L", bytes((level,)) + text)
+        except (BlockingIOError, SessionEnd):
+            pass  # root is not reading (a full pipe) or gone: the line is lost, not the session
+
+    log.redirect(sink)
+
+
 def _preload_child() -> None:
     """What the confined child may need: it can open no file (no import) once confined.
 
@@ -487,9 +527,6 @@ def _preload_child() -> None:
     """
     import binascii  # noqa: F401  (SASL)
     import resource  # noqa: F401
-    import time
-
-    time.localtime()  # reads the time zone now: /etc/localtime is out of reach later
 
     from pop3d import privs  # noqa: F401
 

@@ -168,6 +168,71 @@ def test_sigterm_before_login_ends_both_processes(env: Pop3Env) -> None:
     assert "disconnected before login: rip=local reason=signal" in env.log_text()
 
 
+def _descriptors(pid: int) -> dict[int, str]:
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return fds
+
+
+@needs_root
+@pytest.mark.parametrize("target", ["file", "syslog"])
+def test_the_confined_child_holds_no_log_descriptor(env: Pop3Env, target: str) -> None:
+    """Issue 12, finding 6: with log = FILE the child kept a writable descriptor on the
+    root-owned log (it could truncate it or forge `login: user=root`); with syslog, the /dev/log
+    socket. Now it holds neither (stderr is /dev/null), and root writes its lines, attributed."""
+    from test_system import children
+
+    if target == "syslog":
+        if not Path("/dev/log").exists():
+            pytest.skip("no /dev/log on this host (no syslog daemon)")
+        env.write_config(log="syslog")
+    client = env.client()
+    pid = client.proc.pid
+    assert wait_for(lambda: len(children(pid)) == 1)
+    (child,) = children(pid)
+    client.capa()  # the child is past its set-up: confined, serving
+    fds = _descriptors(child)
+    assert fds[2] == "/dev/null"
+    assert str(env.log) not in fds.values()
+    sockets = {target for target in fds.values() if target.startswith("socket:")}
+    # The client's socket pair end (one inode) is its only socket: no syslog socket.
+    assert len(sockets) == 1, fds
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    if target == "file":
+        assert f"pre-auth[{child}]: disconnected before login: rip=local reason=quit" in env.log_text()
+
+
+def test_root_writes_the_childs_lines_escaped_and_attributed(env: Pop3Env) -> None:
+    """A subverted child cannot forge a line: root escapes what it sends and names it."""
+    config = cfg.load(["-c", str(env.conf)])
+    from pop3d import log
+
+    log.setup(str(env.log))
+    to_root_r, to_root_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen(["true"])  # stands in for the child process, which logs and exits
+    conn = transport.Connection(theirs.fileno(), theirs.fileno())
+    privsep.send(to_root_w, b"L", bytes((6,)) + b"hello\n2026-12-06 pop3d[1]: login: user=root\x1b[2J")
+    os.close(to_root_w)
+    monitor = privsep._Monitor(config, conn, "test", child.pid, to_root_r, to_child_w)
+    assert monitor.run() == 0
+    log.close()
+    lines = env.log_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        f"pre-auth[{child.pid}]: hello\\x0a2026-12-06 pop3d[1]: login: user=root\\x1b[2J"
+    )
+    os.close(to_child_r)
+    ours.close()
+    theirs.close()
+
+
 def test_frames_are_bounded() -> None:
     rfd, wfd = os.pipe()
     os.write(wfd, b"A" + (10**9).to_bytes(4, "big"))
