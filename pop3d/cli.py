@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.geteuid() == 0:
             from pop3d import privs
 
-            privs.check_accounts(conf)
+            privs.check_setup(conf)
         if conf.tls != "none":
             from pop3d import tls
 

@@ -101,6 +101,13 @@ def _mailbox(key: str, value: str) -> str:
     return value
 
 
+def _chroot(key: str, value: str) -> str:
+    value = _path(key, value)
+    if value.rstrip("/") == "":
+        raise ConfigError(f"{key}: {value!r} must be an absolute path other than /")
+    return value
+
+
 def _log(key: str, value: str) -> str:
     value = _text(key, value)
     if value not in ("syslog", "stderr") and not value.startswith("/"):
@@ -127,6 +134,9 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "first_uid": (1000, _number(1, 2**31, int)),
     # As root: the account that runs the pre-authentication dialogue ("" = no separation).
     "preauth_user": ("nobody", _text),
+    # Where that dialogue is chrooted: made at start if missing, root's, empty. Not under /tmp,
+    # which a local user can fill (popa3d: /var/lib/popa3d; Dovecot: base_dir/empty).
+    "preauth_chroot": ("/run/pop3d/empty", _chroot),
     "auth_failure_delay": (limits.DEFAULT_AUTH_FAILURE_DELAY, _number(0, 60)),
     "max_auth_failures": (limits.DEFAULT_MAX_AUTH_FAILURES, _number(1, 100, int)),
     "max_sessions": (100, _number(1, 100000, int)),

@@ -21,14 +21,21 @@ class PrivilegeError(Exception):
         self.fatal = fatal
 
 
-def check_accounts(config: Config) -> None:
-    """Started as root: the accounts pop3d runs as must exist and not be root (ConfigError).
+def check_setup(config: Config) -> None:
+    """Started as root: what privilege separation needs must be there, or ConfigError.
 
     At start, not at a login: a login that passed the check must not fail for a reason known
-    in advance (issue 12). `preauth_user` runs the dialogue before login: root parses no client
-    byte, so it cannot be empty. `mail_user` is what htpasswd users' sessions become.
+    in advance (issue 12). The accounts pop3d runs as must exist and not be root:
+    `preauth_user` runs the dialogue before login (root parses no client byte, so it cannot be
+    empty), `mail_user` is what htpasswd users' sessions become. `preauth_chroot` must be
+    usable (`empty_directory`).
     """
     from pop3d.config import ConfigError
+
+    try:
+        os.close(empty_directory(str(config.preauth_chroot)))
+    except PrivilegeError as e:
+        raise ConfigError(str(e)) from None
 
     accounts = [("preauth_user", str(config.preauth_user))]
     if config.auth == "htpasswd":
@@ -75,16 +82,17 @@ def become(uid: int, gid: int, groups: list[int]) -> None:
         raise PrivilegeError("root could be regained after dropping privileges", fatal=True)
 
 
-def confine(uid: int, gid: int, spare_fds: int = 0) -> str:
-    """As root, lock the pre-authentication process up; returns what was not possible ("" if all).
+def confine(uid: int, gid: int, root: int, spare_fds: int = 0) -> None:
+    """As root, lock the pre-authentication process up, or raise (PrivilegeError, OSError).
 
-    In order: chroot into an empty directory that no longer exists (nothing to read, nothing can
-    be created in it), become uid/gid with no supplementary groups, then forbid new processes
+    In order: chroot into the empty directory open on `root` (`empty_directory`; the descriptor
+    is closed), become uid/gid with no supplementary groups, then forbid new processes
     (RLIMIT_NPROC = 0) and new descriptors: RLIMIT_NOFILE is set to the lowest free descriptor
     number plus `spare_fds` (what a TLS handshake needs), so no other descriptor can be made;
     those already open, whatever their number, stay usable. Code running here can then neither
     reach a file, nor open a network connection, nor keep the client connection alive in a
-    child after the handover. Everything it needs must already be imported and open.
+    child after the handover. Everything it needs must already be imported and open. Nothing
+    here is optional: a process that could not be confined must not serve.
     """
     import resource
 
@@ -95,11 +103,10 @@ def confine(uid: int, gid: int, spare_fds: int = 0) -> str:
         if null != 0:
             os.dup2(null, 0, inheritable=False)
             os.close(null)
-    missing = ""
-    try:
-        _chroot_empty()
-    except OSError as e:
-        missing = f"no chroot ({e.strerror})"
+    os.fchdir(root)
+    os.close(root)
+    os.chroot(".")
+    os.chdir("/")
     become(uid, gid, [])
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     lowest = 1  # fd 0 is in use (above)
@@ -112,30 +119,49 @@ def confine(uid: int, gid: int, spare_fds: int = 0) -> str:
     # poll(2) needs nfds <= the limit: the session polls one descriptor at a time.
     limit = max(1, lowest + spare_fds)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    return missing
 
 
-def _chroot_empty() -> None:
-    """chroot into a fresh directory, then remove it: an empty root that cannot gain entries."""
-    base = "/tmp"
-    for _ in range(5):
-        path = f"{base}/pop3d-empty.{os.getpid()}.{os.urandom(6).hex()}"
-        try:
-            os.mkdir(path, 0o111)
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise OSError(17, "cannot create a directory in /tmp")
+def empty_directory(path: str) -> int:
+    """A descriptor of the directory the pre-authentication process is chrooted into, made if
+    missing (mode 755, parents too), or PrivilegeError saying why it cannot be used.
+
+    Proved on the open descriptor (no race with the path): a directory, not a symbolic link,
+    owned by root, writable by no one else, and empty. Not under /tmp (as popa3d's
+    /var/lib/popa3d and Dovecot's base_dir/empty): no user can fill or replace it.
+    """
+    import stat
+
     try:
-        # O_PATH: no read permission needed (mode 111), so root needs no CAP_DAC_* (the
-        # systemd units keep none); fchdir only needs search permission.
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.fchdir(fd)
-        finally:
-            os.close(fd)
-    finally:
-        os.rmdir(path)
-    os.chroot(".")
-    os.chdir("/")
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _make_directories(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise PrivilegeError(f"preauth_chroot {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PrivilegeError(
+                f"preauth_chroot {path}: owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: "
+                "it must be root's and writable by no one else"
+            )
+        if os.listdir(fd):
+            raise PrivilegeError(f"preauth_chroot {path}: not empty")
+    except OSError as e:
+        os.close(fd)
+        raise PrivilegeError(f"preauth_chroot {path}: {e.strerror}") from None
+    except PrivilegeError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_directories(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _make_directories(parent)
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass

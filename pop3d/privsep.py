@@ -1,7 +1,7 @@
 """Privilege separation for a session started as root (popa3d's design; Dovecot's login process).
 
     root process (this one)                     pre-authentication child
-    greeting, fork  --------------------------> confine: chroot into an empty directory, become
+    greeting, fork  --------------------------> confine: chroot into preauth_chroot (empty), become
                                                 `preauth_user`, no new processes, no spare
                                                 descriptor (but what a TLS handshake needs)
     waits on a pipe; reads no client byte       implicit TLS handshake, if configured; the
@@ -90,6 +90,15 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
     if config.tls == "implicit" and not conn.is_socket():
         log.error("tls = implicit needs a socket on standard input and output")
         return 78
+    from pop3d import privs
+
+    try:  # the child's root directory, proved empty and root's (made at start if missing)
+        root = privs.empty_directory(str(config.preauth_chroot))
+    except privs.PrivilegeError as e:
+        log.error(f"{e}: cannot serve")
+        if greeting_sent:
+            _reply(conn, _CONFIG_ERROR)
+        return 78
     import gc
 
     gc.freeze()  # a collection in either process would touch, and so copy, every shared page
@@ -102,6 +111,7 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
         pid = os.fork()
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(root)
         log.error(f"cannot fork the pre-authentication process: {e.strerror}")
         if greeting_sent:
             _reply(conn, protocol.REPLIES["sys_temp"])
@@ -114,7 +124,7 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
                 os.close(fd)
             _hand_logging_to_root(to_root_w)
             _preload_child()  # here, not before the fork: root does not wait for it
-            child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1)
+            child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1, root)
             status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
         except SessionEnd:
             status = 0  # root stopped us (SIGTERM) before our own handling began: not an error
@@ -122,6 +132,7 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
             log.exception("pre-authentication process")
         finally:
             os._exit(status)
+    os.close(root)
     if relay:
         os.close(relay[1])
     monitor = _Monitor(config, conn, peer, pid, to_root_r, to_child_w, relay[0] if relay else -1)
@@ -374,13 +385,16 @@ def _reaped(pid: int, flags: int) -> bool:
 class _Child:
     """The pre-authentication process: confined, then the dialogue; perhaps a TLS relay after."""
 
-    def __init__(self, config: Config, conn: Connection, peer: str, wfd: int, rfd: int, relay: int) -> None:
+    def __init__(
+        self, config: Config, conn: Connection, peer: str, wfd: int, rfd: int, relay: int, root: int
+    ) -> None:
         self.config = config
         self.conn = conn
         self.peer = peer
         self.wfd = wfd
         self.rfd = rfd
         self.relay = relay
+        self.root = root  # a descriptor of the empty directory to chroot into
 
     def run(self, uid: int, gid: int, greeting_sent: bool) -> int:
         from pop3d import privs
@@ -389,9 +403,7 @@ class _Child:
         # Descriptors it may still make: one for the TLS socket object, one for the moment
         # plaintext_on_loopback looks at the peer (transport.peer_is_local).
         spare = (config.tls != "none") + bool(config.plaintext_on_loopback)
-        missing = privs.confine(uid, gid, spare)
-        if missing:
-            log.warning(f"pre-authentication process: {missing}")
+        privs.confine(uid, gid, self.root, spare)  # or raise: never serve unconfined
         transport: Connection | TlsConnection = self.conn
         if config.tls == "implicit":
             try:

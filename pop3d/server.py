@@ -216,7 +216,7 @@ class Server:
             if os.geteuid() == 0:
                 from pop3d import privs
 
-                privs.check_accounts(new)
+                privs.check_setup(new)
             if new.tls != "none":
                 from pop3d import tls
 

@@ -76,12 +76,14 @@ def test_become_is_irrevocable() -> None:
 
 
 @needs_root
-def test_confine_leaves_no_file_no_process_no_socket() -> None:
+def test_confine_leaves_no_file_no_process_no_socket(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
+    root = privs.empty_directory(str(tmp_path / "empty"))
 
     def body() -> object:
-        missing = privs.confine(nobody.pw_uid, nobody.pw_gid)
-        outcomes = {"missing": missing}
+        privs.confine(nobody.pw_uid, nobody.pw_gid, root)
+        st = os.stat("/")  # /proc is out of reach: compare the root directory itself
+        outcomes = {"root": (st.st_dev, st.st_ino)}
         for name, attempt in (
             ("open", lambda: os.open("/etc/passwd", os.O_RDONLY)),
             ("fork", os.fork),
@@ -97,21 +99,25 @@ def test_confine_leaves_no_file_no_process_no_socket() -> None:
         return outcomes
 
     outcomes = in_child(body)
-    assert outcomes["missing"] == ""  # type: ignore[index]
+    os.close(root)
+    st = os.stat(tmp_path / "empty")
+    assert outcomes["root"] == (st.st_dev, st.st_ino)  # type: ignore[index]
     assert "allowed" not in outcomes.values()  # type: ignore[union-attr]
     assert outcomes["ids"] == ((nobody.pw_uid,) * 3, [])  # type: ignore[index]
 
 
 @needs_root
 def test_confined_process_still_logs_an_unexpected_error(tmp_path: Path) -> None:
+    """Its lines go to root as frames (log.redirect): formatting one needs no import or file."""
     from pop3d import log
 
-    path = tmp_path / "log"
     nobody = pwd.getpwnam("nobody")
+    root = privs.empty_directory(str(tmp_path / "empty"))
+    rfd, wfd = os.pipe()
 
     def body() -> object:
-        log.setup(str(path))
-        privs.confine(nobody.pw_uid, nobody.pw_gid)
+        log.redirect(lambda level, line: privsep.send(wfd, b"L", bytes((level,)) + line.encode()))
+        privs.confine(nobody.pw_uid, nobody.pw_gid, root)
         try:
             raise ValueError("boom")
         except ValueError:
@@ -119,8 +125,50 @@ def test_confined_process_still_logs_an_unexpected_error(tmp_path: Path) -> None
         return "done"
 
     assert in_child(body) == "done"
-    text = path.read_text()
+    os.close(wfd)
+    os.close(root)
+    kind, payload = privsep.recv(rfd)
+    os.close(rfd)
+    text = payload[1:].decode()
+    assert kind == b"L" and payload[0] == log.ERR
     assert "unexpected error: " in text and "in body" in text and "ValueError: boom" in text
+
+
+@needs_root
+@pytest.mark.parametrize("problem", ["not empty", "group-writable", "not root's", "a symbolic link"])
+def test_an_unusable_preauth_chroot_is_a_configuration_error(env: Pop3Env, problem: str) -> None:
+    """Issue 12, finding 7: the directory is checked (root's, writable by no one else, empty)."""
+    directory = env.base / "empty"
+    directory.mkdir(mode=0o755)
+    if problem == "not empty":
+        (directory / "planted").write_text("x")
+    elif problem == "group-writable":
+        directory.chmod(0o775)
+    elif problem == "not root's":
+        os.chown(directory, env.account.pw_uid, -1)
+    else:
+        (env.base / "link").symlink_to(directory)
+        directory = env.base / "link"
+    env.write_config(preauth_chroot=str(directory))
+    sock, proc = env.start()
+    assert sock.recv(200).startswith(b"-ERR [SYS/PERM]")
+    assert proc.wait(timeout=20) == 78
+    message = proc.stderr.read().decode()
+    assert f"preauth_chroot {directory}" in message and "Traceback" not in message
+
+
+@needs_root
+def test_a_missing_preauth_chroot_is_made(env: Pop3Env) -> None:
+    directory = env.base / "run" / "pop3d" / "empty"
+    env.write_config(preauth_chroot=str(directory))
+    client = env.client()
+    assert client.capa()
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    for path in (directory, directory.parent):
+        st = path.lstat()
+        assert st.st_uid == 0 and oct(st.st_mode & 0o7777) == oct(0o755)
+    assert list(directory.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- the monitor

@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import IS_ROOT, ROOT, Pop3Env, mbox_bytes, recv_until, sample_messages, wait_for, wire_form
+from conftest import (
+    IS_ROOT,
+    ROOT,
+    Pop3Env,
+    SocketPOP3,
+    mbox_bytes,
+    recv_until,
+    sample_messages,
+    wait_for,
+    wire_form,
+)
 
 TOOLS = ("useradd", "chpasswd", "usermod", "userdel", "chage")
 
@@ -353,7 +363,7 @@ def test_pre_authentication_process_is_confined(sysenv: Pop3Env) -> None:
     uids, gids, groups = ids(child)
     assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4 and groups == set()
     root = os.readlink(f"/proc/{child}/root")
-    assert root != "/" and root.endswith("(deleted)"), root  # chrooted into an empty, deleted directory
+    assert root == "/run/pop3d/empty"  # preauth_chroot's default: root's, empty
     with open(f"/proc/{child}/limits") as f:
         limits = f.read()
     assert re.search(r"Max processes\s+0\s+0", limits)
@@ -367,6 +377,36 @@ def test_pre_authentication_process_is_confined(sysenv: Pop3Env) -> None:
     client.quit()
     assert client.proc.wait(timeout=20) == 0
     assert not children(pid)
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (Debian package util-linux)")
+def test_the_child_is_chrooted_even_when_tmp_is_not_writable(env: Pop3Env) -> None:
+    """Issue 12, finding 7: the pre-authentication child chrooted into a directory made in /tmp,
+    and ran without a chroot ("no chroot" in the log) when it could not: a local user who fills
+    a tmpfs /tmp removed a layer. Here /tmp is read-only (a private mount namespace)."""
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount --bind /tmp /tmp"],
+        capture_output=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private mount namespace here: {probe.stderr.decode().strip()}")
+    env.write_config(log="stderr")  # the test's log file would be in the read-only /tmp
+    readonly_tmp = 'mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && exec "$@"'
+    client = None
+    sock, proc = env.spawn(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", readonly_tmp, "sh", *env.command()]
+    )
+    client = SocketPOP3(sock)
+    client.proc = proc
+    pid = proc.pid
+    assert wait_for(lambda: len(children(pid)) == 1)
+    (child,) = children(pid)
+    assert client.capa()  # served, by the child
+    assert os.readlink(f"/proc/{child}/root") == "/run/pop3d/empty"
+    client.quit()
+    assert proc.wait(timeout=20) == 0
+    assert b"no chroot" not in proc.stderr.read()
 
 
 def test_session_becomes_mail_user_for_htpasswd(env: Pop3Env) -> None:
