@@ -53,7 +53,15 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | mmap.mmap
 
-__all__ = ["Listing", "MboxFormatError", "iter_message", "message_bytes", "release_pages", "scan"]
+__all__ = [
+    "Listing",
+    "MboxFormatError",
+    "iter_message",
+    "message_bytes",
+    "release_pages",
+    "same_message",
+    "scan",
+]
 
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
 _DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
@@ -190,6 +198,11 @@ class Listing:
         out.extend([ends[i] + seps[i] for i in range(max(first, 1) - 1, self.count - 1)])
         return out
 
+    def digest(self, index: int) -> bytes:
+        """The digest record the scan stored for the message (its UID's digest first)."""
+        self._check(index)
+        return bytes(self._digests[index * _DIGEST_STRIDE : (index + 1) * _DIGEST_STRIDE])
+
     def from_offset(self, index: int) -> int:
         """Offset of the message's From_ line; ``from_offset(count)`` is ``scanned_length``."""
         if index == self.count:
@@ -304,6 +317,37 @@ def _quoted_lines(chunk: bytes, a: int, b: int) -> list[int]:
     once per ">From": 256 KiB of them cost 1.6 s.)
     """
     return [m.start() + 1 for m in _regexes()[1].finditer(chunk, a - 1 if a else 0, b)]
+
+
+def _header_digest(buf: Buffer, q: int, s: int, n: int) -> bytes:
+    """The digest record of the message whose From_ line is at q and content at s, in data
+    ending at n: what `_scan_range`'s `begin` stores, found without its window shortcuts."""
+    import hashlib
+
+    cap = max(limits.UID_HEADER_CAP, 1)
+    hl = s + 2 * cap if s + 2 * cap < n else n
+    blank = _blank_line(buf, s - 1, hl, max(limits.MBOX_SCAN_WINDOW, 4))
+    block = buf[q : blank if blank >= 0 else hl]
+    return hashlib.sha256(_regexes()[2].sub(b"", block)[:cap]).digest()[:_DIGEST_STRIDE]
+
+
+def same_message(buf: Buffer, listing: Listing, index: int) -> bool:
+    """True if `buf` still holds message `index` where the scan found it.
+
+    A cheap proof, not a rescan: its From_ line is still at its offset (after a LF), the From_
+    line and header block still have the digest its UID came from, and the next message's
+    From_ line (if any) is still where it was. Reads a few bytes and the header block, bounded
+    by the scanned length. The last message's end is the caller's to check.
+    """
+    q = listing.from_offset(index)
+    if buf[q : q + 5] != b"From " or (q and buf[q - 1 : q] != b"\n"):
+        return False
+    if index + 1 < listing.count:
+        after = listing.from_offset(index + 1)
+        if buf[after - 1 : after + 5] != b"\nFrom ":
+            return False
+    digest = _header_digest(buf, q, listing.start(index), listing.scanned_length)
+    return digest == listing.digest(index)
 
 
 def _dedup(digests: bytearray, count: int) -> dict[int, int]:

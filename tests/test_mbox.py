@@ -753,3 +753,43 @@ def test_duplicate_numbering_in_ranges_of_prefixes(count):
             expected[i] = seen[key]
     assert mbox._dedup(digests, count) == expected
     assert expected  # the test made twins
+
+
+# ------------------------------------------- same_message: proving a listed message unmoved
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    content=contents,
+    fmt=st.sampled_from(["mboxo", "mboxrd"]),
+    scan_window=st.integers(1, 40),
+    cap=st.integers(1, 30),
+    parallel=st.booleans(),
+)
+def test_property_every_listed_message_proves_itself(content, fmt, scan_window, cap, parallel):
+    """Whatever the windows, the UID cap or the split, each message's recomputed digest is the
+    scan's: same_message never refuses an unchanged spool (it would end brief sessions)."""
+    data = b"From " + content
+    saved = limits.UID_HEADER_CAP
+    limits.UID_HEADER_CAP = cap
+    try:
+        with small_windows(scan_window, 8):
+            listing = mbox.scan(data, fmt, parallel_min=1 if parallel else 0)
+            assert all(mbox.same_message(data, listing, i) for i in range(listing.count))
+    finally:
+        limits.UID_HEADER_CAP = saved
+
+
+def test_same_message_sees_a_permutation_of_equal_sizes():
+    messages = [b"Subject: %d\nMessage-ID: <%d@x>\n\nbody %d\n" % (i, i, i) for i in range(4)]
+    data = mbox_of(*messages)
+    listing = mbox.scan(data)
+    swapped = mbox_of(messages[0], messages[2], messages[1], messages[3])
+    assert len(swapped) == len(data)
+    assert [mbox.same_message(swapped, listing, i) for i in range(4)] == [True, False, False, True]
+    # A message that grew moves the next From_ line: the one before it no longer ends where it did.
+    longer = mbox_of(messages[0], messages[1] + b"more\n", messages[2], messages[3])
+    assert [mbox.same_message(longer, listing, i) for i in range(4)] == [True, False, False, False]
+    # Only headers a mail reader rewrites changed (Status): the same message, by its UID.
+    listing = mbox.scan(mbox_of(b"Subject: a\nStatus: O\n\nx\n", b"Subject: b\n\ny\n"))
+    assert mbox.same_message(mbox_of(b"Subject: a\nStatus: R\n\nx\n", b"Subject: b\n\ny\n"), listing, 0)
