@@ -92,6 +92,21 @@ def _lock_owner(content: bytes) -> tuple[int, str] | None:
     return int(pid or b"0"), host.decode("ascii", "surrogateescape")
 
 
+def _retry(attempt: Callable[[], bool], timeout: float) -> bool:
+    """Call `attempt` until it returns True (then True) or `timeout` seconds pass (then False)."""
+    deadline = time.monotonic() + timeout
+    delay = limits.LOCK_RETRY_MIN
+    while not attempt():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        # Jitter (50-100 %) keeps two contending sessions from retrying in lockstep.
+        jitter = 0.5 + os.urandom(1)[0] / 510
+        time.sleep(min(delay * jitter, deadline - now))
+        delay = min(delay * 2, limits.LOCK_RETRY_MAX)
+    return True
+
+
 class MailboxLock:
     """The configured locks on one mailbox: acquire with a bounded wait, refresh, verify, release.
 
@@ -152,20 +167,10 @@ class MailboxLock:
         """Take every configured lock, retrying until the timeout; raise LockTimeoutError then."""
         if self._acquired:
             raise LockError("locks already held")
-        deadline = time.monotonic() + self.timeout
-        delay = limits.LOCK_RETRY_MIN
-        while True:
-            if self._try_all():
-                return
-            now = time.monotonic()
-            if now >= deadline:
-                raise LockTimeoutError(
-                    f"{self.path}: {self.busy_method} lock held by another process for {self.timeout:g} s"
-                )
-            # Jitter (50-100 %) keeps two contending sessions from retrying in lockstep.
-            jitter = 0.5 + os.urandom(1)[0] / 510
-            time.sleep(min(delay * jitter, deadline - now))
-            delay = min(delay * 2, limits.LOCK_RETRY_MAX)
+        if not _retry(self._try_all, self.timeout):
+            raise LockTimeoutError(
+                f"{self.path}: {self.busy_method} lock held by another process for {self.timeout:g} s"
+            )
 
     def _try_all(self) -> bool:
         """One round: every method without blocking; on any miss, release what this round took."""
@@ -371,3 +376,89 @@ class MailboxLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------ session lock
+
+
+class SessionLock:
+    """pop3d's own lock on one mailbox: POP3 sessions exclude each other with it, MDAs never see it.
+
+    An exclusive flock(2) on an empty file beside the mailbox (`names.session_lock`). It dies with
+    its process, so a session killed with SIGKILL leaves no stale lock, at most the empty file,
+    which the next session locks and reuses. `release` removes the file while still holding the
+    lock and only if the name still is the file we locked; a session that opened the file just
+    before that finds, once it has the lock, that the name no longer names its file, and starts
+    again. A file there that is not an empty regular file of ours is refused, never touched.
+    """
+
+    __slots__ = ("_fd", "path", "timeout")
+
+    def __init__(self, mailbox: str, timeout: float = limits.DEFAULT_LOCK_TIMEOUT) -> None:
+        self.path = names.session_lock(mailbox)
+        self.timeout = float(timeout)
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def acquire(self) -> None:
+        """Take the lock, retrying until the timeout; LockTimeoutError then (another session)."""
+        if self._fd >= 0:
+            raise LockError("session lock already held")
+        if not _retry(self._try, self.timeout):
+            raise LockTimeoutError(f"{self.path}: held by another session for {self.timeout:g} s")
+
+    def _try(self) -> bool:
+        import fcntl
+
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as e:
+            directory = os.path.dirname(self.path) or "."
+            if e.errno == errno.EACCES:
+                raise LockPermissionError(f"cannot create {self.path}: no write access to {directory}") from e
+            raise LockError(f"cannot open session lock {self.path}: {e.strerror or e}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size or st.st_uid != os.geteuid():
+                raise LockError(f"{self.path}: not an empty file of ours; left alone")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in _BUSY:
+                    os.close(fd)
+                    return False
+                raise LockError(f"flock on {self.path}: {e.strerror or e}") from e
+            if not self._names(fd):
+                os.close(fd)  # removed by its last holder meanwhile: lock what the name is now
+                return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def _names(self, fd: int) -> bool:
+        """True if our path still names the file open as fd."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def release(self) -> None:
+        """Remove the file (still locked, still ours) and drop the lock; idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            if self._names(fd):
+                os.unlink(self.path)
+        except OSError:
+            pass  # an unlocked empty file left behind is harmless: the next session reuses it
+        finally:
+            os.close(fd)

@@ -309,3 +309,89 @@ def test_no_write_access_to_the_spool_directory_is_a_clear_error(tmp_path: Path)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert os.listdir(spool_dir) == ["alice"]
+
+
+# ---------------------------------------------------------------- session lock (issue 17)
+
+SESSION_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pop3d.locking import SessionLock
+    lock = SessionLock(sys.argv[1], timeout=0)
+    lock.acquire()
+    print("locked", flush=True)
+    sys.stdin.read()          # hold until the test closes our stdin (or kills us)
+    lock.release()
+    """
+)
+
+
+def session_holder(mailbox: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SESSION_HOLDER, str(mailbox)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
+    return proc
+
+
+def test_session_lock_excludes_sessions_but_no_mda_lock(mbox: Path) -> None:
+    from pop3d.locking import SessionLock
+    from pop3d.names import session_lock as session_lock_path
+
+    holder = session_holder(mbox)
+    try:
+        assert Path(session_lock_path(str(mbox))).parent == mbox.parent
+        assert Path(session_lock_path(str(mbox))).name == ".pop3d-session.alice"
+        with pytest.raises(LockTimeoutError):
+            SessionLock(str(mbox), timeout=0.3).acquire()
+        # What an MDA takes is free: dotlock, fcntl and flock on the mailbox.
+        fd = os.open(mbox, os.O_RDWR)
+        try:
+            with MailboxLock(str(mbox), fd, ("dotlock", "fcntl", "flock"), timeout=0):
+                pass
+        finally:
+            os.close(fd)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(timeout=10) == 0
+        holder.stdout.close()  # type: ignore[union-attr]
+    assert leftovers(mbox.parent, {"alice"}) == set()  # released: the file is gone
+
+
+def test_session_lock_dies_with_a_killed_session(mbox: Path) -> None:
+    """SIGKILL leaves at most an empty unlocked file: the next session locks it at once."""
+    from pop3d.locking import SessionLock
+
+    holder = session_holder(mbox)
+    holder.kill()
+    holder.wait(timeout=10)
+    holder.stdout.close()  # type: ignore[union-attr]
+    holder.stdin.close()  # type: ignore[union-attr]
+    assert leftovers(mbox.parent, {"alice"}) == {".pop3d-session.alice"}
+    lock = SessionLock(str(mbox), timeout=0)
+    lock.acquire()  # no wait, no stale state to judge
+    lock.release()
+    assert leftovers(mbox.parent, {"alice"}) == set()
+
+
+@pytest.mark.parametrize("kind", ["mail", "symlink", "directory"])
+def test_session_lock_refuses_what_is_not_its_file(mbox: Path, kind: str) -> None:
+    from pop3d.locking import SessionLock
+    from pop3d.names import session_lock as session_lock_path
+
+    name = Path(session_lock_path(str(mbox)))
+    if kind == "mail":
+        name.write_bytes(b"From x Thu Nov 26 10:00:00 2026\n\nnot a lock\n\n")
+    elif kind == "symlink":
+        name.symlink_to(mbox)
+    else:
+        name.mkdir()
+    with pytest.raises(LockError):
+        SessionLock(str(mbox), timeout=0).acquire()
+    assert name.is_symlink() if kind == "symlink" else name.exists()  # left alone
+    if kind == "mail":
+        assert name.read_bytes().endswith(b"not a lock\n\n")
