@@ -124,6 +124,10 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "locks": (("dotlock", "fcntl"), _locks),
     "lock_timeout": (limits.DEFAULT_LOCK_TIMEOUT, _number(0, 3600)),
     "stale_lock": (limits.DEFAULT_STALE_LOCK, _number(1, 86400)),
+    # session: the `locks` are held from login to the end (today's behaviour, safe beside local
+    # mail readers); brief: only to scan and to update, so MDAs deliver while a session is open
+    # (issue 17). The default stays session: brief trusts readers not to rewrite mid-session.
+    "mda_locks": ("session", _choice("session", "brief")),
     "timeout": (limits.DEFAULT_IDLE_TIMEOUT, _number(1, 86400)),
     "login_timeout": (limits.DEFAULT_LOGIN_TIMEOUT, _number(1, 86400)),
     "line_timeout": (limits.COMMAND_LINE_TIMEOUT, _number(1, 86400)),

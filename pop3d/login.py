@@ -104,6 +104,7 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
             mbox_format=str(config.mbox_format),
             expected_uid=os.geteuid(),
             log=log.warning,
+            mda_locks=str(config.mda_locks),
         )
     except LoginRefused as e:
         log.error(f"login refused: user={account.name} rip={peer}: {e}")

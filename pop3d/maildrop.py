@@ -13,13 +13,14 @@ import os
 import stat
 import time
 
-from . import limits, update
+from . import limits, names, update
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import NoReturn
 
-    from .locking import MailboxLock
+    from .locking import MailboxLock, SessionLock
     from .mbox import Listing
 
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
@@ -45,6 +46,12 @@ class MaildropPermError(MaildropError):
 
 class MaildropTempError(MaildropError):
     """An I/O failure or an aborted update; nothing was lost and a retry may succeed."""
+
+
+class MaildropChangedError(MaildropTempError):
+    """With brief MDA locks: the spool no longer holds a listed message where the scan found it
+    (a program taking the locks rewrote it); raised before any byte of the message is handed out,
+    or after the last one was read."""
 
 
 def _noop_log(message: str) -> None:
@@ -109,6 +116,21 @@ def _safe_open(path: str, expected_uid: int | None) -> int | None:
     return fd
 
 
+def _raise_lock_error(path: str, e: BaseException) -> NoReturn:
+    """Raise the maildrop error a failure to lock means (`e` itself if it is none of those)."""
+    from .locking import LockError, LockPermissionError, LockTimeoutError
+
+    if isinstance(e, LockTimeoutError):
+        raise MaildropInUseError(str(e)) from e
+    if isinstance(e, LockPermissionError):
+        raise MaildropPermError(str(e)) from e
+    if isinstance(e, LockError):
+        raise MaildropTempError(str(e)) from e
+    if isinstance(e, OSError):
+        raise MaildropTempError(f"{path}: {_why(e)}") from e
+    raise e
+
+
 def _names_file(path: str, fd: int | None) -> bool:
     """True if `path` still names what we opened (or is still missing): nobody renamed over it."""
     try:
@@ -134,6 +156,7 @@ class Maildrop:
         "_lock",
         "_lock_ok",
         "_log",
+        "_private",
         "_reader",
         "_tail",
         "listing",
@@ -163,6 +186,7 @@ class Maildrop:
         self._closed = False
         self._lock_ok = True
         self._reader: _PreadBuffer | None = None
+        self._private: SessionLock | None = None  # mda_locks = brief: the session lock
 
     @classmethod
     def open(
@@ -175,12 +199,52 @@ class Maildrop:
         mbox_format: str = "mboxo",
         expected_uid: int | None = None,
         log: Callable[[str], None] | None = None,
+        mda_locks: str = "session",
     ) -> Maildrop:
-        """Open safely, lock, finish any interrupted update, map and scan the spool."""
-        from .locking import LockError, LockPermissionError, LockTimeoutError, MailboxLock
+        """Open safely, lock, finish any interrupted update, map and scan the spool.
 
+        mda_locks="session": the `locks` stay held until commit or close. "brief": the session
+        lock (locking.SessionLock) is held until then instead, and the `locks` only while the
+        spool is scanned here and while `commit` updates it; meanwhile an MDA may append.
+        """
+        if mda_locks not in ("session", "brief"):
+            raise ValueError(f"unknown mda_locks {mda_locks!r}")
         log = log or _noop_log
         deadline = time.monotonic() + lock_timeout
+        private = None
+        if mda_locks == "brief":
+            from .locking import SessionLock
+
+            private = SessionLock(path, lock_timeout)
+            try:
+                private.acquire()
+            except BaseException as e:
+                _raise_lock_error(path, e)
+        try:
+            md = cls._open(path, locks, deadline, stale_lock, mbox_format, expected_uid, log)
+        except BaseException:
+            if private is not None:
+                private.release()
+            raise
+        if private is not None:
+            md._private = private
+            md._lock.release()  # an MDA may deliver from now on
+            md._lock.timeout = float(lock_timeout)  # the update waits this long for them
+        return md
+
+    @classmethod
+    def _open(
+        cls,
+        path: str,
+        locks: Sequence[str],
+        deadline: float,
+        stale_lock: float,
+        mbox_format: str,
+        expected_uid: int | None,
+        log: Callable[[str], None],
+    ) -> Maildrop:
+        from .locking import MailboxLock
+
         for _attempt in range(3):
             fd = _safe_open(path, expected_uid)
             timeout = max(0.0, deadline - time.monotonic())
@@ -196,15 +260,7 @@ class Maildrop:
                     lock.release()
                 if fd is not None:
                     os.close(fd)
-                if isinstance(e, LockTimeoutError):
-                    raise MaildropInUseError(str(e)) from e
-                if isinstance(e, LockPermissionError):
-                    raise MaildropPermError(str(e)) from e
-                if isinstance(e, LockError):
-                    raise MaildropTempError(str(e)) from e
-                if isinstance(e, OSError):
-                    raise MaildropTempError(f"{path}: {_why(e)}") from e
-                raise
+                _raise_lock_error(path, e)
             if fd is not None:
                 os.close(fd)
         else:
@@ -260,9 +316,7 @@ class Maildrop:
         """
         from . import mbox
 
-        reader = self._reader
-        if reader is None:
-            reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
+        reader = self._message_reader()
         return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
     def message_bytes(self, index: int, wire: bool = False) -> bytes | None:
@@ -270,13 +324,58 @@ class Maildrop:
         iter_message. MaildropTempError if the spool was truncated under us."""
         from . import mbox
 
-        reader = self._reader
-        if reader is None:
-            reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
+        reader = self._message_reader()
         return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
+    def _message_reader(self) -> _PreadBuffer:
+        """The pread reader; with brief MDA locks a new one per message, so that no bytes read
+        before a rewrite are served from its cache."""
+        reader = self._reader
+        if reader is None or self._private is not None:
+            reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
+        return reader
+
+    def verify(self, index: int) -> None:
+        """MaildropChangedError unless message `index` is still where and what the scan found.
+
+        With brief MDA locks a program that takes them may rewrite the spool between two reads
+        (a mail reader moving or deleting messages): the session calls this after reading a
+        message's bytes and before sending them. Proves the same file (device, inode), not
+        shorter, mbox.same_message, and for the last message the scanned end: a few system calls
+        and the header's digest, never a rescan. With session MDA locks: nothing to prove.
+        """
+        if self._private is None:
+            return
+        from . import mbox
+
+        path = self.path
+        fd = self._fd
+        why = ""
+        try:
+            own = os.fstat(fd)  # type: ignore[arg-type]
+            named = os.lstat(path)
+            reader = _PreadBuffer(fd, self._length, path)
+            if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
+                why = "replaced by another file"
+            elif own.st_size < self._length:
+                why = f"shrank from {self._length} to {own.st_size} bytes"
+            elif not mbox.same_message(reader, self.listing, index) or (
+                index == self.listing.count - 1
+                and reader[self._length - len(self._tail) : self._length] != self._tail
+            ):
+                why = f"message {index + 1} is no longer where it was listed"
+        except (OSError, MaildropTempError) as e:
+            why = f"unreadable ({e})"
+        if why:
+            raise MaildropChangedError(
+                f"{path}: rewritten since login ({why}); the session ends, nothing deleted"
+            )
+
     def refresh_lock(self) -> bool:
-        """Touch the dotlock so other programs never judge it stale; False if it is no longer ours."""
+        """Touch the dotlock so other programs never judge it stale; False if it is no longer ours.
+        With brief MDA locks there is nothing to touch between the scan and the update."""
+        if self._private is not None:
+            return not self._closed
         ok = self._lock.refresh() if not self._closed else False
         if not ok and self._lock_ok and not self._closed:
             self._log(f"{self.path}: our dotlock was broken or replaced by another process")
@@ -291,15 +390,19 @@ class Maildrop:
         try:
             self._lock.release()
         finally:
-            buf, self._buf = self._buf, b""
-            if isinstance(buf, mmap.mmap):
-                try:
-                    buf.close()
-                except BufferError:
-                    pass  # a caller still holds a view of it; unmapped when that is collected
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                os.close(fd)
+            try:
+                buf, self._buf = self._buf, b""
+                if isinstance(buf, mmap.mmap):
+                    try:
+                        buf.close()
+                    except BufferError:
+                        pass  # a caller still holds a view of it; unmapped when that is collected
+                fd, self._fd = self._fd, None
+                if fd is not None:
+                    os.close(fd)
+            finally:
+                if self._private is not None:
+                    self._private.release()  # last: no other session starts before we are done
 
     def __enter__(self) -> Maildrop:
         return self
@@ -332,6 +435,8 @@ class Maildrop:
                 raise ValueError(f"message index {index} out of range 0..{count - 1}")
         fd = self._fd
         assert fd is not None  # count > 0, so the spool exists
+        if self._private is not None:
+            self._relock()
         if not self._lock.verify():
             raise MaildropTempError(
                 f"{self.path}: our dotlock was broken or replaced by another process; "
@@ -359,9 +464,12 @@ class Maildrop:
                 if after < count:
                     boundaries.append(listing.from_offset(after))
         size = self._check_unchanged(boundaries)
+        if self._private is not None:
+            self._check_deleted(order)
         length = self._length
-        if size > length:  # appended after the scan by a writer that ignored our locks
-            self._log(f"{self.path}: {size - length} bytes appended since login; kept")
+        if size > length:  # appended after the scan: delivered (brief) or by a writer ignoring locks
+            if self._private is None:
+                self._log(f"{self.path}: {size - length} bytes appended since login; kept")
             if extents and extents[-1][0] + extents[-1][1] == length:
                 extents[-1][1] += size - length
             else:
@@ -375,6 +483,42 @@ class Maildrop:
                 f"{self.path}: rewritten since login (a program ignoring the locks?): {e}; "
                 "update aborted, nothing written"
             ) from None
+
+    def _relock(self) -> None:
+        """Brief MDA locks: take them again for the update (an MDA holding them a moment is
+        normal: wait up to the lock timeout), and refuse to update over another one's journal."""
+        try:
+            self._lock.acquire()
+        except BaseException as e:
+            _raise_lock_error(self.path, e)
+        if os.path.lexists(names.journal(self.path)):  # only a crashed update leaves it
+            raise MaildropTempError(
+                f"{self.path}: an interrupted update's journal appeared during the session; "
+                "update aborted, nothing written (the next login completes it)"
+            )
+
+    def _check_deleted(self, order: Sequence[int]) -> None:
+        """Brief MDA locks, under them: every message about to go is still the listed one.
+
+        The From_ lines `_check_unchanged` and the update check prove where messages begin;
+        a rewrite that put other messages of the same sizes there (a permutation) keeps those,
+        so the deleted ones' digests are checked too, through the mapping (its size was checked).
+        """
+        from . import mbox
+
+        buf, listing = self._buf, self.listing
+        released = listing.from_offset(order[0])
+        for index in order:
+            if not mbox.same_message(buf, listing, index):
+                raise MaildropChangedError(
+                    f"{self.path}: rewritten since login (message {index + 1} is no longer where "
+                    "it was listed); update aborted, nothing written"
+                )
+            at = listing.from_offset(index)
+            if at - released >= _RELEASE_BATCH * 2:
+                mbox.release_pages(buf, released, at)
+                released = at
+        mbox.release_pages(buf, released, listing.from_offset(order[-1] + 1))
 
     def _check_unchanged(self, boundaries: Sequence[int]) -> int:
         """The spool's current size, after proving (cheaply) nobody rewrote what we scanned.

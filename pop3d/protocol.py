@@ -162,6 +162,7 @@ class Pop3Core:
         self._out = bytearray(GREETING if greet else b"")
         self._eof = False
         self._awaiting: object | None = None  # the request whose outcome we wait for
+        self._ok_at = 0  # where the +OK of the Retrieve awaited starts in _out
         self._closing: Close | None = None
         self._close_returned = False
         self._user: bytes | None = None
@@ -316,6 +317,22 @@ class Pop3Core:
 
     def retrieve_done(self) -> None:
         self._expect(Retrieve)
+
+    def retrieve_failed(self) -> None:
+        """The maildrop no longer holds the message listed: take back the "+OK" (the driver
+        calls this before data_to_send(), so nothing of it has left), answer [SYS/TEMP] and
+        close without update."""
+        request = self._awaiting
+        self._expect(Retrieve)
+        assert isinstance(request, Retrieve) and self._out[self._ok_at : self._ok_at + 3] == b"+OK"
+        del self._out[self._ok_at :]
+        if request.body_lines is None:
+            self.stats["retr"] -= 1
+            self.stats["retr_bytes"] -= self._size_of(request.index)
+        else:
+            self.stats["top"] -= 1
+        self._out += REPLIES["sys_temp"]
+        self._close("spool-changed")
 
     def commit_done(self, error_code: bytes | None = None) -> None:
         """The update finished (None) or failed (SYS_TEMP/SYS_PERM: nothing was deleted)."""
@@ -604,6 +621,7 @@ class Pop3Core:
         size = self._size_of(index)
         self.stats["retr"] += 1
         self.stats["retr_bytes"] += size
+        self._ok_at = len(self._out)
         self._out += wire.ok(b"%d octets" % size)
         return Retrieve(index, None)
 
@@ -617,6 +635,7 @@ class Pop3Core:
         self.stats["top"] += 1
         # Beyond a billion lines is "all of them"; never build a huge int from client digits.
         lines = int(args[1]) if len(args[1]) < 10 else 10**9
+        self._ok_at = len(self._out)
         self._out += wire.ok(b"Top of message follows.")
         return Retrieve(index, lines)
 

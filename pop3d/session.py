@@ -110,7 +110,8 @@ class Session:
             commands_before = core.stats["commands"]
             while True:
                 request = core.next_request()
-                self._take(core.data_to_send())
+                if not isinstance(request, protocol.Retrieve):  # see _retrieve
+                    self._take(core.data_to_send())
                 if request is None:
                     if len(self._out) >= limits.OUTPUT_FLUSH:
                         self._flush()
@@ -198,33 +199,51 @@ class Session:
     def _retrieve(self, request: protocol.Retrieve) -> None:
         """Send the message: pieces leave by writev without being copied together, and the final
         ".\r\n" always leaves in the same write as the message's end (a client delaying its ACKs
-        would otherwise stall ~40 ms per message on our small last write)."""
+        would otherwise stall ~40 ms per message on our small last write).
+
+        Bytes read are proven to be still the listed message's (`maildrop.verify`: with brief MDA
+        locks a mail reader may rewrite the spool meanwhile) before they are sent, and after the
+        last read. The "+OK" is still the core's when this starts (_loop leaves it there): if the
+        first proof fails, the core takes it back and answers -ERR; a later one ends the session
+        without the final "." line, so the client never takes a part for the whole."""
         assert self.maildrop is not None
         md = self._md
         if md is None:  # imported once, after login (not on the greeting's path)
             from pop3d import maildrop as md
 
             self._md = md
-        if request.body_lines is None:
-            try:
-                data = self.maildrop.message_bytes(request.index, wire=True)
-            except md.MaildropTempError as e:  # as below: nothing of this reply may leave now
-                log.error(f"retrieval aborted: {e}")
-                self._out = bytearray()
-                raise SessionEnd("spool-changed") from None
-            if data is not None:  # a small message: one read, one copy, no generators (same bytes)
-                out = self._out
-                out += data  # dot-stuffed, ending with CRLF (or empty)
-                out += wire.TERMINATOR
-                self.core.retrieve_done()
-                return
+        core = self.core
+        chunks = None
+        maildrop = self.maildrop
+        index = request.index
+        try:
+            data = maildrop.message_bytes(index, wire=True) if request.body_lines is None else None
+            if data is None:
+                chunks = maildrop.iter_message(index, request.body_lines, wire=True)
+            maildrop.verify(index)
+        except md.MaildropChangedError as e:
+            log.error(f"retrieval refused: {e}")
+            core.retrieve_failed()
+            return
+        except md.MaildropTempError as e:  # as below: nothing of this reply may leave now
+            log.error(f"retrieval aborted: {e}")
+            self._out = bytearray()
+            raise SessionEnd("spool-changed") from None
+        self._take(core.data_to_send())
+        if data is not None:  # a small message: one read, one copy, no generators (same bytes)
+            out = self._out
+            out += data  # dot-stuffed, ending with CRLF (or empty)
+            out += wire.TERMINATOR
+            core.retrieve_done()
+            return
+        assert chunks is not None
         parts: list[bytes | bytearray] = [self._out] if self._out else []  # the "+OK" line
         last = b"\n"
         held = len(self._out)
         try:
-            chunks = self.maildrop.iter_message(request.index, request.body_lines, wire=True)
             for chunk in chunks:
                 if held >= limits.OUTPUT_FLUSH:  # never the last piece: it goes with the terminator
+                    maildrop.verify(index)
                     self.conn.write_parts(parts)
                     parts, held = [], 0
                     self._refresh_lock(time.monotonic())
@@ -234,6 +253,7 @@ class Session:
                     last = chunk
                     if request.body_lines is not None:
                         self.top_bytes += len(chunk)
+            maildrop.verify(index)
             # The stream ends with CRLF unless it is empty (a message's last line gets one).
             parts.append(wire.TERMINATOR if last[-1:] == b"\n" else wire.CRLF + wire.TERMINATOR)
             if held >= limits.OUTPUT_FLUSH:
@@ -247,7 +267,7 @@ class Session:
         finally:
             # A small message waits in the buffer to share a write with the replies after it.
             self._out = bytearray().join(parts)
-        self.core.retrieve_done()
+        core.retrieve_done()
 
     def _authenticate(self, request: protocol.Authenticate) -> None:
         from pop3d import login

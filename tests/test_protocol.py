@@ -217,6 +217,21 @@ def test_retr_and_top_request_streams(logged_in: Pop3Core) -> None:
     assert b"<msg 0 1000000000>" in out
 
 
+@pytest.mark.parametrize("command", [b"RETR 2", b"TOP 2 1"])
+def test_a_retrieval_the_maildrop_refuses_is_taken_back(logged_in: Pop3Core, command: bytes) -> None:
+    """The driver found the message moved before sending any of it: the +OK becomes [SYS/TEMP],
+    earlier replies of the pipeline stay, nothing after it is processed, no update."""
+    logged_in.receive_data(b"DELE 1\r\n" + command + b"\r\nDELE 3\r\nQUIT\r\n")
+    request = logged_in.next_request()
+    assert isinstance(request, Retrieve) and request.index == 1
+    logged_in.retrieve_failed()
+    assert logged_in.data_to_send() == b"+OK Message 1 deleted.\r\n" + protocol.REPLIES["sys_temp"]
+    closing = logged_in.next_request()
+    assert isinstance(closing, Close) and closing.reason == "spool-changed"
+    assert logged_in.next_request() is None and logged_in.data_to_send() == b""
+    assert logged_in.stats["retr"] == 0 and logged_in.stats["top"] == 0
+
+
 @pytest.mark.parametrize(
     "command",
     [
