@@ -58,6 +58,7 @@ QUICK_ROWS = [
             "DELE last + QUIT",
             "DELE all + QUIT",
             "DELE 1 + QUIT",
+            "DELE 1 + QUIT, disk floor",
         )
     ),
     "2000 tiny messages: login+STAT",
@@ -92,7 +93,9 @@ def test_quick_run_verifies_every_session(work: Path) -> None:
     skipped = [r["metric"] for r in figures if r["value"] is None]
     assert skipped == ["USER/PASS/STAT/QUIT p50, system account (PAM)"]  # it needs popa3d beside it
     floor = [r["metric"] for r in figures if r["server"] == "floor"]
-    assert floor == (["greeting p50", "greeting p95"] if inetd_launcher() else [])
+    assert floor == (["greeting p50", "greeting p95"] if inetd_launcher() else []) + [
+        "2 MiB: DELE 1 + QUIT, disk floor"
+    ]
     assert {r["server"] for r in figures} <= {"pop3d", "floor"}
     table = (work / "results.md").read_text()
     rows = [line.split(" | ")[0][2:] for line in table.splitlines()[2:] if line.startswith("| ")]

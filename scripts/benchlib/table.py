@@ -23,6 +23,7 @@ TARGETS = {
     "DELE last + QUIT": ("popa3d", "≤ 10 ms", None, ""),
     "DELE all + QUIT": ("popa3d", "≤ 1.0x popa3d", 1.0, "le"),
     "DELE 1 + QUIT": ("popa3d", "≤ 2.5x popa3d", 2.5, "le"),
+    "DELE 1 + QUIT, disk floor": ("floor", "≤ 1.25x the disk's floor (dd)", 1.25, "le"),
     "stock poplib": ("dovecot", "≥ 1.0x Dovecot", 1.0, "ge"),
     "sessions/s": ("popa3d", "inetd ≥ 0.7x, --listen ≥ 1.0x popa3d", 0.7, "ge"),
 }

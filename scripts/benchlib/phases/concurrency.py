@@ -15,7 +15,8 @@ Per workload, C and server (interleaved, `--rounds` rounds of `--duration` secon
 per second (median of the rounds); session latency p50/p95/p99 (connect to QUIT's reply, every
 session of every round); CPU per session (the server's whole process tree, launcher included,
 from /proc: other load on the machine is not counted); memory per concurrent session (the tree's
-proportional set size while C sessions run, less the idle tree's, divided by C).
+anonymous memory, proportional set size, while C sessions run, less the idle tree's, divided by
+C; file pages, code and the spools' page cache, are left out).
 """
 
 from __future__ import annotations

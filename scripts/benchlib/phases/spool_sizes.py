@@ -4,6 +4,8 @@ and the three updates (DELE last, all, 1, each + QUIT), per size, every server i
 from __future__ import annotations
 
 import statistics
+import subprocess
+from pathlib import Path
 
 from benchlib.context import Context
 from benchlib.results import spread
@@ -80,11 +82,51 @@ def updates(ctx: Context, spool: Spool, label: str) -> None:
             for s in ctx.servers:
                 ctx.res.add(f"{label}: {metric}", s.name, None, "s", skipped=EMPTY)
             continue
+        targets: list = list(ctx.servers)
+        disk = None
+        if which == "first":  # the disk's floor for a crash-safe DELE 1, in the same rounds
+            disk = DiskFloor(ctx.pop3d.spool_path().parent, 2 * (spool.file_size - spool.offsets[1]))
+            targets.append(disk)
         got = ctx.interleaved(
             max(1, ctx.args.rounds - 1),
-            lambda s, w=which: update_session(s, spool, ctx.owner, w),
+            lambda s, w=which: (
+                s.write() if isinstance(s, DiskFloor) else update_session(s, spool, ctx.owner, w)
+            ),
             f"{label} {metric}",
+            targets,
         )
         for name, values in got.items():
-            if values:
+            if values and name != DiskFloor.name:
                 ctx.res.add(f"{label}: {metric}", name, statistics.median(values), "s", **spread(values))
+        if disk is not None and got[disk.name] and got["pop3d"]:
+            floor, mine = got[disk.name], got["pop3d"]
+            what = f"{label}: {metric}, disk floor"
+            ctx.res.add(what, "pop3d", statistics.median(mine), "s", **spread(mine))
+            ctx.res.add(what, "floor", statistics.median(floor), "s", **spread(floor), octets=disk.octets)
+
+
+class DiskFloor:
+    """What any crash-safe DELE 1 costs on this disk: writing twice the tail it moves (a journal
+    of the tail, then the tail in place: docs/UPDATE.md), durably. Timed as dd reports it:
+    `dd if=/dev/zero of=FILE bs=1M count=OCTETS iflag=count_bytes conv=fdatasync` in the spool's
+    directory (one barrier: the update needs two)."""
+
+    name = "disk floor"
+
+    def __init__(self, directory: Path, octets: int) -> None:
+        self.path = directory / ".bench-dd-floor"
+        self.octets = octets
+
+    def write(self) -> float:
+        argv = ["dd", "if=/dev/zero", f"of={self.path}", "bs=1M", f"count={self.octets}"]
+        try:
+            run = subprocess.run(
+                [*argv, "iflag=count_bytes", "conv=fdatasync"], capture_output=True, text=True, check=True
+            )
+        finally:
+            self.path.unlink(missing_ok=True)
+        # "... bytes (...) copied, 0.21 s, 1.2 GB/s": the time includes the fdatasync
+        return float(run.stderr.rsplit(" copied, ", 1)[1].split(" s", 1)[0].replace(",", "."))
+
+    def settle(self) -> None:
+        pass

@@ -191,15 +191,19 @@ def tree_cpu(pid: int) -> float:
 
 
 def tree_pss(pid: int) -> float:
-    """Proportional set size of a process tree, MB: pages shared by forked processes are divided
-    among them, so the sum is what the tree costs in memory."""
+    """The memory of a process tree, MB: its anonymous and shared-memory pages, each divided
+    among the processes sharing it (proportional set size), so forked processes' shared pages
+    count once. File pages are left out: shared code, and the page cache of the spools (which a
+    session maps, and the kernel reclaims), are not a session's memory."""
     total = 0
     for p in descendants(pid):
         try:
             text = Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError:
             continue
-        total += next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+        for line in text.splitlines():
+            if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
+                total += int(line.split()[1])
     return total / 1024
 
 
