@@ -219,6 +219,23 @@ def preload_pam(service: str | None = None) -> None:
             pam.spare = (service, handle, conv)  # else the check starts again, and reports
 
 
+def hold_pam_modules(service: str) -> None:
+    """Start a PAM transaction for `service` and never use it: its modules stay loaded.
+
+    For a listener: every session it forks still starts a transaction of its own (reading the
+    PAM configuration afresh), but finds the modules and the libraries they link already in
+    memory, not to be mapped and relocated again (~0.6 ms of each session's CPU). Called again
+    (SIGHUP), it holds the new service's transaction and ends the previous one.
+    """
+    pam = _load_pam()
+    code, handle, conv = pam.start(service)
+    if code != 0:
+        return  # the sessions' own pam_start says why, and they answer [SYS/TEMP]
+    held, pam.held = pam.held, (handle, conv)
+    if held is not None:
+        pam.pam_end(held[0], 0)
+
+
 def _load_pam() -> _Pam:
     global _pam_state
     if _pam_state is None:
@@ -298,6 +315,8 @@ class _Pam:
         self.answers: tuple[bytes, bytes] | None = None
         # (service, handle, conversation) of a transaction started ahead of the check.
         self.spare: tuple[str, object, object] | None = None
+        # (handle, conversation) of a transaction a listener holds for its modules (never used).
+        self.held: tuple[object, object] | None = None
         # An exception (a signal's SessionEnd) raised inside the conversation: re-raised after
         # pam_end, never unwound through libpam.
         self.raised: BaseException | None = None

@@ -166,8 +166,12 @@ def preload() -> None:
     Waits for a `preload_behind` still running, then makes sure (an import failed there is
     tried again here, and raises here).
     """
+    global _preloaded
     wait_preload()
-    _import_session_modules()
+    if not _preloaded:
+        _import_session_modules()
+        _warm_scanner()
+        _preloaded = True
 
 
 def wait_preload() -> None:
@@ -187,6 +191,8 @@ def preload_behind() -> None:
     the main thread and interrupts what it is waiting on.
     """
     global _preloading
+    if _preloaded:
+        return  # a listener loaded all of it before forking this session: nothing to overlap
     import _thread
 
     done = _thread.allocate_lock()
@@ -206,6 +212,7 @@ def preload_behind() -> None:
 
 
 _preloading = None  # the lock a running preload_behind releases when done
+_preloaded = False  # preload() has run in this process (or in the listener that forked it)
 
 
 def _warm_scanner() -> None:
@@ -228,7 +235,7 @@ def _import_session_modules() -> None:
     import re  # noqa: F401
     import struct  # noqa: F401
 
-    from pop3d import locking, mbox  # noqa: F401
+    from pop3d import locking, maildrop, mbox  # noqa: F401
 
 
 def groups_for(config: Config, account: auth.Account, path: str) -> list[int]:

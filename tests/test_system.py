@@ -29,6 +29,7 @@ from conftest import (
     ROOT,
     Pop3Env,
     SocketPOP3,
+    child_env,
     mbox_bytes,
     recv_until,
     sample_messages,
@@ -352,6 +353,56 @@ def test_root_never_reads_the_client_after_a_login_it_cannot_complete(
 
 
 # ---------------------------------------------------------------------------- privileges
+
+
+def test_listener_reads_the_pam_service_afresh_for_every_session(
+    sysenv: Pop3Env, account: Account, pam_service: str
+) -> None:
+    """--listen holds a PAM transaction of its own so that its modules stay loaded for the
+    sessions it forks (auth.hold_pam_modules), but each session starts its own: an edited
+    /etc/pam.d file takes effect at the next login, without a restart or a SIGHUP."""
+    write_spool(sysenv, account, mbox_bytes(sample_messages()[:1]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        sysenv.command("--listen", f"127.0.0.1:{port}"),
+        cwd=str(ROOT),
+        env=child_env(),
+        stderr=subprocess.PIPE,
+    )
+    service = Path("/etc/pam.d") / pam_service
+    shipped = service.read_text()
+
+    def login() -> bytes:
+        client = poplib.POP3("127.0.0.1", port, timeout=20)
+        client.user(account.name)
+        try:
+            return client.pass_(account.password)
+        except poplib.error_proto as e:
+            return e.args[0]
+        finally:
+            client.close()
+
+    def greets() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                return c.recv(100).startswith(b"+OK")
+        except OSError:
+            return False
+
+    try:
+        assert wait_for(lambda: greets() or proc.poll() is not None) and proc.poll() is None
+        assert login().startswith(b"+OK")
+        service.write_text("auth required pam_deny.so\naccount required pam_deny.so\n")
+        assert login() == AUTH_FAILED
+        service.write_text(shipped)
+        assert login().startswith(b"+OK")
+    finally:
+        service.write_text(shipped)
+        proc.terminate()
+        proc.wait(timeout=20)
+        proc.stderr.close()
 
 
 def test_pre_authentication_process_is_confined(sysenv: Pop3Env) -> None:
