@@ -82,3 +82,10 @@ TLS_HANDSHAKE_TIMEOUT = 60.0
 # privsep: a log line the confined child sends to root, at most (a frame within PIPE_BUF, so it is
 # written whole or not at all); root escapes it and cuts it here.
 MAX_FORWARDED_LOG_LINE = 3072
+# proxyheader: longest PROXY protocol version 2 header accepted: the AF_UNIX address block (216
+# octets) and the TLVs a proxy may add (SSL details, a unique ID of up to 128, an authority of up to
+# 255), with room to spare; the whole header is still one small read.
+PROXY_HEADER_MAX = 2048
+# A proxy sends its header at once, as the connection opens (HAProxy's specification: wait "at
+# least 3 seconds to cover a TCP retransmit"; Postfix waits 5 s, Dovecot 3 s): 5 s, then close.
+DEFAULT_PROXY_TIMEOUT = 5.0

@@ -1,4 +1,4 @@
-"""Write the seed corpora (tests/fuzz/corpus/{protocol,mbox}/): small, readable, each a known path.
+"""Write the seed corpora (tests/fuzz/corpus/{protocol,mbox,proxy}/): small, readable, each a known path.
 
 python tests/fuzz/make_seeds.py
 """
@@ -68,10 +68,36 @@ SPOOLS = [
 ]
 
 
+V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_HEADERS = [
+    b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 110\r\nUSER alice\r\n",
+    b"PROXY TCP6 2001:db8::7 ::1 56324 110\r\n\x16\x03\x01",
+    b"PROXY TCP6 ::ffff:192.0.2.9 ::ffff:127.0.0.1 7 110\r\n",
+    b"PROXY UNKNOWN\r\n",
+    b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ::1 65535 65535\r\n",
+    b"PROXY TCP4 192.0.2.07 1.2.3.4 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n",
+    V2 + b"\x20\x00\x00\x00",
+    V2 + b"\x21\x11\x00\x0c\xc0\x00\x02\x07\x7f\x00\x00\x01\xdc\x04\x00\x6eCAPA\r\n",
+    V2
+    + b"\x21\x21\x00\x24"
+    + b"\x20\x01\x0d\xb8"
+    + bytes(11)
+    + b"\x07"
+    + bytes(15)
+    + b"\x01\x00\x07\x00\x6e",
+    V2 + b"\x21\x11\x00\x13" + bytes(12) + b"\x05\x00\x04abcd",
+    V2 + b"\x21\x31\x00\xd8" + bytes(216),
+    V2 + b"\x21\x00\x00\x00",
+    V2 + b"\x21\x11\xff\xff",
+]
+
+
 def main() -> None:
     for name, items, prefix in (
         ("protocol", TRANSCRIPTS, [b"\0\0\0\0", b"\x01\0\0\0", b"\x07\x00\x01\x00"]),
         ("mbox", SPOOLS, [b"\0\0", b"\x01\x01", b"\x82\x42", b"\xe7\x5b"]),
+        ("proxy", PROXY_HEADERS, [b""]),
     ):
         out = HERE / "corpus" / name
         out.mkdir(parents=True, exist_ok=True)
