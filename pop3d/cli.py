@@ -51,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pass
         return e.status
     # inetd mode: the greeting is all the client waits for, so it leaves before the session's
-    # modules are even imported (not with implicit TLS: the handshake comes first).
-    greeted = not conf.listen and conf.tls != "implicit" and _greet()
+    # modules are even imported (not with implicit TLS: the handshake comes first; not when a
+    # proxy may be at the other end: its PROXY header comes first).
+    greeted = not conf.listen and conf.tls != "implicit" and not conf.proxy_from and _greet()
     from pop3d import log
 
     log.setup(str(conf.log))

@@ -115,6 +115,33 @@ def _log(key: str, value: str) -> str:
     return value
 
 
+def _networks(key: str, value: str) -> tuple[tuple[bytes, int], ...]:
+    """Addresses and CIDR networks, IPv4 and IPv6, separated by commas or spaces ->
+    ((packed network, prefix length), ...). A network with host bits set is refused (a typo that
+    would trust more or fewer hosts than meant)."""
+    from _socket import AF_INET, AF_INET6, inet_pton
+
+    networks = []
+    for item in value.replace(",", " ").split():
+        address, slash, length = item.partition("/")
+        family = AF_INET6 if ":" in address else AF_INET
+        try:
+            packed = inet_pton(family, address)
+        except (OSError, ValueError):
+            raise ConfigError(f"{key}: {item!r} is not an IP address or network") from None
+        bits = 8 * len(packed)
+        if not slash:
+            prefix = bits
+        elif length.isascii() and length.isdigit() and int(length) <= bits:
+            prefix = int(length)
+        else:
+            raise ConfigError(f"{key}: {item!r}: the prefix length must be 0..{bits}")
+        if int.from_bytes(packed, "big") & ((1 << (bits - prefix)) - 1):
+            raise ConfigError(f"{key}: {item!r} has host bits set beyond /{prefix}")
+        networks.append((packed, prefix))
+    return tuple(networks)
+
+
 # key -> (default, parser). Every key is also a long option: --mail-user for mail_user.
 KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "auth": ("system", _choice("system", "htpasswd")),
@@ -157,6 +184,11 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "tls_min_version": ("tlsv1.2", _choice("tlsv1.2", "tlsv1.3")),
     "plaintext_auth": (None, _choice("yes", "tls")),
     "plaintext_on_loopback": (False, _bool),
+    # PROXY protocol (issue 14): the proxies whose connections start with a header naming the
+    # client. Empty: nobody's (a header is then an ordinary bad command line).
+    "proxy_from": ((), _networks),
+    # Seconds a proxy has to send its header (it sends it at once; see limits).
+    "proxy_timeout": (limits.DEFAULT_PROXY_TIMEOUT, _number(0.1, 60)),
 }
 
 # Options that are not configuration keys: name -> takes a value.

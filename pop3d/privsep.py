@@ -45,6 +45,7 @@ from pop3d.transport import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pop3d.config import Config
+    from pop3d.proxied import Client
     from pop3d.transport import TlsConnection
 
 # Frames larger than this are a protocol violation: credentials are at most a SASL line each,
@@ -63,19 +64,26 @@ class FrameError(Exception):
     """The other process broke the framing: end the session."""
 
 
-def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
+def serve(config: Config, conn: Connection, greeting_sent: bool = False, report: int = -1) -> int:
     """Serve one session with the dialogue (and any TLS) in a confined child.
 
-    The greeting goes out first, unless it has been sent (cli) or TLS is implicit: then the
-    child sends it, after the handshake.
+    The greeting goes out first, unless it has been sent (cli), TLS is implicit or a proxy is
+    at the other end: then the child sends it, after the handshake or the PROXY header (which it
+    reads: root parses no client byte, see proxied). `report`: the standalone listener's end,
+    for a connection from a proxy (proxied.admit).
     """
     import pwd
 
-    if config.tls != "implicit" and not greeting_sent:
+    proxy = None
+    if config.proxy_from:
+        from pop3d import proxied
+
+        proxy = proxied.proxy_peer(config, conn.rfd)
+    if config.tls != "implicit" and not greeting_sent and proxy is None:
         conn.write_all(protocol.GREETING)
         greeting_sent = True
     install_signal_handlers()
-    peer = peer_name(conn.rfd)
+    peer = proxy.address if proxy is not None else peer_name(conn.rfd)
     signal = signal_module()
     name = str(config.preauth_user)
     try:
@@ -120,11 +128,16 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
         status = 70
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            for fd in (to_root_r, to_child_w, *(relay[:1] if relay else ())):
+            for fd in (
+                to_root_r,
+                to_child_w,
+                *(relay[:1] if relay else ()),
+                *((report,) if report >= 0 else ()),
+            ):
                 os.close(fd)
             _hand_logging_to_root(to_root_w)
             _preload_child()  # here, not before the fork: root does not wait for it
-            child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1, root)
+            child = _Child(config, conn, peer, to_root_w, to_child_r, relay[1] if relay else -1, root, proxy)
             status = child.run(entry.pw_uid, entry.pw_gid, greeting_sent)
         except SessionEnd:
             status = 0  # root stopped us (SIGTERM) before our own handling began: not an error
@@ -136,6 +149,7 @@ def serve(config: Config, conn: Connection, greeting_sent: bool = False) -> int:
     if relay:
         os.close(relay[1])
     monitor = _Monitor(config, conn, peer, pid, to_root_r, to_child_w, relay[0] if relay else -1)
+    monitor.proxied, monitor.report = proxy is not None, report
     os.close(to_root_w)
     os.close(to_child_r)
     try:
@@ -174,6 +188,8 @@ class _Monitor:
         self.rfd = rfd
         self.wfd = wfd
         self.relay = relay
+        self.proxied = False  # a proxy is at the other end: the child reports the client first
+        self.report = -1  # the standalone listener's end (proxied.admit), for a proxied client
 
     def run(self, mask: object = None) -> int:
         """Answer the child's credential checks; then serve the session, or end with the child."""
@@ -199,6 +215,8 @@ class _Monitor:
             login.preload_behind()
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if self.proxied and not self._admit():
+                return 0
             while True:
                 frame = recv(self.rfd)
                 if frame is None:
@@ -246,6 +264,33 @@ class _Monitor:
             raise
         self._stop(None)
         return 0
+
+    def _admit(self) -> bool:
+        """A connection from a proxy: the child has read the PROXY header and reports the client
+        (`P`: a flag octet, 1 if on this host, then the address). Root checks the frame, lets a
+        standalone listener count the client (max_sessions_per_ip), then tells the child to go
+        on (`G`) or turns the client away itself. False: the session is over."""
+        from pop3d import proxied
+
+        while (frame := recv(self.rfd)) is not None and frame[0] == b"L":
+            self._log(frame[1])
+        if frame is None:
+            self._stop(None)  # no valid header: the child logged why (written above)
+            return False
+        kind, payload = frame
+        address = (
+            proxied.checked_address(payload[1:]) if kind == b"P" and payload[:1] in (b"\0", b"\1") else None
+        )
+        if address is None:
+            raise FrameError(f"malformed client report {kind!r}")
+        client = proxied.Client(address, payload[:1] == b"\1")
+        if self.report >= 0 and not proxied.admit(self.report, client):
+            self._stop(signal_module().SIGKILL)
+            proxied.refuse(self.config, self.conn)
+            return False
+        self.peer = address
+        send(self.wfd, b"G", b"")
+        return True
 
     def _stop(self, signum: int | None) -> None:
         """End the child (or just wait for it), reap it, close the pipes.
@@ -386,7 +431,15 @@ class _Child:
     """The pre-authentication process: confined, then the dialogue; perhaps a TLS relay after."""
 
     def __init__(
-        self, config: Config, conn: Connection, peer: str, wfd: int, rfd: int, relay: int, root: int
+        self,
+        config: Config,
+        conn: Connection,
+        peer: str,
+        wfd: int,
+        rfd: int,
+        relay: int,
+        root: int,
+        proxy: Client | None = None,
     ) -> None:
         self.config = config
         self.conn = conn
@@ -395,6 +448,7 @@ class _Child:
         self.rfd = rfd
         self.relay = relay
         self.root = root  # a descriptor of the empty directory to chroot into
+        self.proxy = proxy  # a proxy at the other end: its PROXY header comes first
 
     def run(self, uid: int, gid: int, greeting_sent: bool) -> int:
         from pop3d import privs
@@ -404,6 +458,19 @@ class _Child:
         # plaintext_on_loopback looks at the peer (transport.peer_is_local).
         spare = (config.tls != "none") + bool(config.plaintext_on_loopback)
         privs.confine(uid, gid, self.root, spare)  # or raise: never serve unconfined
+        local = None
+        if self.proxy is not None:
+            from pop3d import proxied
+
+            try:
+                client = proxied.read_header(config, self.conn.rfd, self.proxy)
+            except SessionEnd:
+                return 0  # logged: no valid header in time
+            send(self.wfd, b"P", (b"\1" if client.local else b"\0") + client.address.encode())
+            frame = recv(self.rfd)
+            if frame is None or frame[0] != b"G":
+                return 0  # root turned the client away (max_sessions_per_ip), or is gone
+            self.peer, local = client.address, client.local
         transport: Connection | TlsConnection = self.conn
         if config.tls == "implicit":
             try:
@@ -412,15 +479,22 @@ class _Child:
                 return 0  # logged: the handshake failed, timed out, or the client left
         if not greeting_sent:
             transport.write_all(protocol.GREETING)
-        PreauthSession(config, transport, self.peer, self).run()
+        PreauthSession(config, transport, self.peer, self, local).run()
         return 0
 
 
 class PreauthSession(Session):
     """The AUTHORIZATION dialogue, unprivileged: credentials go to the root process to check."""
 
-    def __init__(self, config: Config, conn: Connection | TlsConnection, peer: str, child: _Child) -> None:
-        super().__init__(config, conn, peer)
+    def __init__(
+        self,
+        config: Config,
+        conn: Connection | TlsConnection,
+        peer: str,
+        child: _Child,
+        local: bool | None = None,
+    ) -> None:
+        super().__init__(config, conn, peer, local)
         self.child = child
 
     def _authenticate(self, request: protocol.Authenticate) -> None:

@@ -52,6 +52,9 @@ REPLIES: dict[str, bytes] = {
     "no_plaintext": wire.err(b"Plaintext authentication is disallowed; use STLS first.", AUTH),
     "too_many_bad": wire.err(b"Too many bad commands; closing."),
     "too_many_auth": wire.err(b"Too many authentication failures; closing.", AUTH),
+    # Standalone limits (server, proxied): the connection is turned away before the greeting.
+    "busy": wire.err(b"Too many sessions; try again later.", SYS_TEMP),
+    "busy_address": wire.err(b"Too many sessions from your address; try again later.", SYS_TEMP),
     "autologout": wire.err(b"Autologout: idle for too long."),
     "login_timeout": wire.err(b"Autologout: no login in time."),
     "update_failed": wire.err(b"Deletions not applied (server failure); try again later.", SYS_TEMP),

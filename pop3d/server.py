@@ -19,7 +19,7 @@ import select
 import signal
 import socket
 
-from pop3d import log
+from pop3d import log, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ EX_TEMPFAIL = 75  # sysexits.h: the pid file names a running pop3d
 _SYSTEMD_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _SD_LISTEN_FDS_START = 3
 
-BUSY_REPLY = b"-ERR [SYS/TEMP] Too many sessions; try again later.\r\n"
-BUSY_PEER_REPLY = b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
+BUSY_REPLY = protocol.REPLIES["busy"]
+BUSY_PEER_REPLY = protocol.REPLIES["busy_address"]
 
 
 def client_of(address: object, v6_prefix: int) -> str:
@@ -128,7 +128,7 @@ def warm_up(config: Config) -> None:
     transaction held here is never used: each session starts its own (`auth.hold_pam_modules`).
     Nothing here reads client bytes.
     """
-    from pop3d import auth, dispatch, login, privsep  # noqa: F401
+    from pop3d import auth, dispatch, login, privsep, proxied  # noqa: F401
 
     login.preload()
     try:
@@ -155,7 +155,10 @@ class Server:
         self.config = config
         self.sockets = sockets
         self.argv = list(argv)
-        self.children: dict[int, str] = {}
+        # pid -> client address; None for a session from a proxy until it reports its client.
+        self.children: dict[int, str | None] = {}
+        # The listener's ends of the report socket pairs of sessions from a proxy -> their pid.
+        self.reports: dict[int, int] = {}
         self.stopping = False
         self.reload_requested = False
         self._wake_fds: tuple[int, ...] = ()
@@ -195,11 +198,13 @@ class Server:
                 self.reap()
                 if self.reload_requested:
                     self.reload()
-                ready, _, _ = select.select([*self.sockets, wake_r], [], [], 60.0)
+                ready, _, _ = select.select([*self.sockets, wake_r, *self.reports], [], [], 60.0)
                 for sock in ready:
                     if sock == wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wake_r, 4096)
+                    elif sock in self.reports:
+                        self.admit(sock)  # type: ignore[arg-type]
                     elif not self.stopping:
                         self.accept(sock)
             for sock in self.sockets:
@@ -238,17 +243,54 @@ class Server:
         warm_up(new)  # the PAM service may have changed
         log.info("configuration reloaded")
 
-    def refusal(self, peer: str) -> bytes | None:
-        """The reply that turns this connection away, or None when a session may start."""
+    def refusal(self, peer: str, per_address: bool = True) -> bytes | None:
+        """The reply that turns this connection away, or None when a session may start.
+        `per_address` False: a proxy's connection, counted by its client once known (admit)."""
         self.reap()  # a session that has just ended no longer counts
         if len(self.children) >= int(self.config.max_sessions):  # type: ignore[call-overload]
             log.warning(f"refusing {peer}: max_sessions reached")
             return BUSY_REPLY
-        limit = int(self.config.max_sessions_per_ip)  # type: ignore[call-overload]
-        if sum(1 for other in self.children.values() if other == peer) >= limit:
-            log.warning(f"refusing {peer}: max_sessions_per_ip reached")
+        if per_address and self.too_many_from(peer):
             return BUSY_PEER_REPLY
         return None
+
+    def too_many_from(self, address: str) -> bool:
+        """max_sessions_per_ip: as many sessions from this client run already (logged)."""
+        limit = int(self.config.max_sessions_per_ip)  # type: ignore[call-overload]
+        if sum(1 for other in self.children.values() if other == address) >= limit:
+            log.warning(f"refusing {address}: max_sessions_per_ip reached")
+            return True
+        return False
+
+    def admit(self, fd: int) -> None:
+        """A session from a proxy reports the client its PROXY header named (proxied.admit): count
+        it from now on, or answer that it is one too many (the session then says so and ends).
+        The report is checked, not trusted: exactly the canonical text of an IP address."""
+        from pop3d import proxied
+
+        pid = self.reports.pop(fd)
+        try:
+            data = os.read(fd, proxied.REPORT_MAX + 1)
+        except OSError:
+            data = b""
+        if data:
+            address = proxied.checked_address(data[:-1]) if data.endswith(b"\n") else None
+            self.reap()
+            if address is None:
+                log.error(f"session process {pid} reported a malformed client address")
+                verdict = proxied.REFUSED
+            else:
+                # The same key as a direct connection's: an IPv4 address, an IPv6 client's network.
+                client = client_of((address, 0), int(self.config.max_sessions_per_ip_v6_prefix))  # type: ignore[call-overload]
+                if self.too_many_from(client):
+                    verdict = proxied.REFUSED
+                else:
+                    if pid in self.children:
+                        self.children[pid] = client
+                    verdict = proxied.ADMITTED
+            with contextlib.suppress(OSError):
+                os.write(fd, verdict)
+        os.close(fd)  # no data: the session ended before its header
 
     def accept(self, sock: socket.socket) -> None:
         try:
@@ -261,7 +303,8 @@ class Server:
                 return
             raise
         peer = client_of(address, int(self.config.max_sessions_per_ip_v6_prefix))  # type: ignore[call-overload]
-        reply = self.refusal(peer)
+        from_proxy = self._from_proxy(address)
+        reply = self.refusal(peer, per_address=not from_proxy)
         if reply is not None:
             try:
                 conn.settimeout(1.0)
@@ -271,17 +314,22 @@ class Server:
                 pass
             conn.close()
             return
+        report = socket.socketpair() if from_proxy else None
         try:
             pid = os.fork()
         except OSError as e:
             log.error(f"fork: {e.strerror}")
             conn.close()
+            for end in report or ():
+                end.close()
             return
         if pid == 0:
             status = 1
             try:
                 for listening in self.sockets:
                     listening.close()
+                for fd in self.reports:
+                    os.close(fd)
                 signal.set_wakeup_fd(-1)
                 for wake in self._wake_fds:
                     os.close(wake)
@@ -291,19 +339,39 @@ class Server:
                 from pop3d import dispatch
 
                 fd = conn.detach()
-                status = dispatch.serve(self.config, fd, fd)
+                theirs = -1
+                if report is not None:
+                    report[0].close()
+                    theirs = report[1].detach()
+                status = dispatch.serve(self.config, fd, fd, report=theirs)
             except BaseException:
                 log.exception("session process")
             finally:
                 os._exit(status)
-        self.children[pid] = peer
+        self.children[pid] = None if report else peer
+        if report is not None:
+            report[1].close()
+            self.reports[report[0].detach()] = pid
         conn.close()
+
+    def _from_proxy(self, address: object) -> bool:
+        """The connection (accept's address) comes from a proxy `proxy_from` names: its client is
+        known only once the session has read the PROXY header."""
+        if not self.config.proxy_from or not isinstance(address, tuple):
+            return False
+        from pop3d import proxied
+
+        host = str(address[0]).partition("%")[0].removeprefix("::ffff:")
+        return proxied.in_networks(host, self.config.proxy_from)  # type: ignore[arg-type]
 
     def finish(self) -> None:
         """Stop: end the running sessions without update (as a dropped connection would) and wait.
 
         A session applying its update at QUIT blocks SIGTERM until the update is done.
         """
+        for fd in self.reports:
+            os.close(fd)  # a session still waiting for its verdict goes on, and is ended below
+        self.reports.clear()
         self.reap()
         if self.children:
             log.info(f"stopping: ending {len(self.children)} running session(s)")

@@ -31,10 +31,19 @@ SASL_MECHANISMS = (b"PLAIN", b"LOGIN")
 class Session:
     """One POP3 session from greeting to close."""
 
-    def __init__(self, config: Config, conn: Connection | TlsConnection, peer: str = "unknown") -> None:
+    def __init__(
+        self,
+        config: Config,
+        conn: Connection | TlsConnection,
+        peer: str = "unknown",
+        local: bool | None = None,
+    ) -> None:
+        """`peer`: the client's address; `local`: whether it is on this host (None: ask the socket;
+        a client behind a proxy is what its PROXY header says, see proxied)."""
         self.config = config
         self.conn = conn
         self.peer = peer
+        self.local = local
         self.core = protocol.Pop3Core(self._options(), greet=False)
         if conn.secure:
             self.core.tls_active = True  # implicit TLS: the session is secure from its first byte
@@ -56,7 +65,9 @@ class Session:
         config = self.config
         secure = self.conn.secure
         plaintext = config.plaintext_auth == "yes" or (
-            bool(config.plaintext_on_loopback) and not secure and peer_is_local(self.conn.rfd)
+            bool(config.plaintext_on_loopback)
+            and not secure
+            and (peer_is_local(self.conn.rfd) if self.local is None else self.local)
         )
         return protocol.Options(
             max_auth_failures=int(config.max_auth_failures),  # type: ignore[call-overload]

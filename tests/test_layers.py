@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pop3d"
 # The pure core: bytes in, replies and requests out; no os, sockets, files, clock or logging.
 CORE = {"limits", "wire", "protocol", "proxyheader"}
 # The drivers: own a connection or a process, perform what the core asks through the adapters.
-DRIVERS = {"cli", "__main__", "server", "dispatch", "session", "privsep", "transport", "login"}
+DRIVERS = {"cli", "__main__", "server", "dispatch", "session", "privsep", "transport", "login", "proxied"}
 # Every other module is an adapter (mbox, bulk, locking, maildrop, auth, privs, tls, passwd,
 # config, log, ...): it touches the world and knows nothing of POP3.
 
