@@ -130,7 +130,7 @@ def haproxy_config(port: int, servers: list[tuple[str, int]], send_proxy: str = 
         if line.strip().startswith("server "):
             if not out[-1].strip().startswith("server "):
                 out += [
-                    f"    server pop{i} {host}:{p} {send_proxy} check inter 1s"
+                    f"    server pop{i} {host}:{p} {send_proxy} check inter 200ms"
                     for i, (host, p) in enumerate(servers, 1)
                 ]
             continue

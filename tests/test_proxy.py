@@ -49,8 +49,8 @@ from proxying import (
     v2,
     v2_inet,
 )
-from serving import inetd_conf_line, launch, write_launcher
-from test_launchers import INETD
+from serving import inetd_conf_line, launch, unit_command, write_launcher
+from test_launchers import INETD, SSA, XINETD, start_xinetd
 from test_system import Account, account  # noqa: F401  (the fixture: a real account)
 
 from pop3d import config as cfg
@@ -319,11 +319,14 @@ def pop3_round(sock: socket.socket) -> None:
     assert client.quit().startswith(b"+OK")
 
 
-def health_checks_pass(env: Pop3Env, haproxy: Daemon, count: int = 2) -> None:
+CHECKED = "disconnected before login: rip=127.0.0.1 reason=quit"
+
+
+def health_checks_pass(env: Pop3Env, haproxy: Daemon, before: int) -> None:
     """HAProxy's health checks (a LOCAL header with send-proxy-v2, a header naming HAProxy itself
-    with send-proxy) got the greeting and QUIT's answer: sessions of the proxy, and no DOWN."""
-    pattern = "disconnected before login: rip=127.0.0.1 reason=quit"
-    assert wait_for(lambda: env.log_text().count(pattern) >= count), env.log_text()
+    with send-proxy) got the greeting and QUIT's answer, twice since `before` such lines: sessions
+    of the proxy itself; and HAProxy never marked the back end down."""
+    assert wait_for(lambda: env.log_text().count(CHECKED) >= before + 2), env.log_text()
     assert "DOWN" not in haproxy.text(), haproxy.text()
 
 
@@ -334,6 +337,7 @@ def test_haproxy_in_front_of_listen(proxied: Pop3Env, tmp_path, send_proxy: str)
     client is admitted, and one too many from the same client is refused, by its address."""
     proxied.write_config(max_sessions_per_ip=2)
     _, backend = start_listener(proxied, "127.0.0.1")
+    before = proxied.log_text().count(CHECKED)
     haproxy, port = start_haproxy(tmp_path, [("127.0.0.1", backend)], send_proxy)
     try:
         first = [connect("127.0.0.1", port, source="127.0.0.2") for _ in range(2)]
@@ -342,7 +346,7 @@ def test_haproxy_in_front_of_listen(proxied: Pop3Env, tmp_path, send_proxy: str)
         other = connect("127.0.0.1", port, source="127.0.0.3")
         pop3_round(other)
         assert read_all(connect("127.0.0.1", port, source="127.0.0.2")) == BUSY
-        health_checks_pass(proxied, haproxy)
+        health_checks_pass(proxied, haproxy, before)
         for sock in first:
             sock.close()
     finally:
@@ -353,25 +357,51 @@ def test_haproxy_in_front_of_listen(proxied: Pop3Env, tmp_path, send_proxy: str)
     assert "refusing 127.0.0.3" not in log
 
 
+def start_launcher(env: Pop3Env, kind: str):
+    """pop3d behind a real launcher, as the shipped files configure it, on a loopback port that
+    serves proxies only (the probe sends a LOCAL header first)."""
+    launcher = write_launcher(env.base)
+    probe = greets_after(V2_LOCAL)
+    if kind == "inetd":
+        conf = env.base / "inetd.conf"
+
+        def command(port: int) -> list[str]:
+            conf.write_text(inetd_conf_line("pop3", port, launcher, env.conf))
+            return [INETD, "-d", str(conf)]
+
+        return launch(command, env.base / "inetd.out", probe=probe)
+    if kind == "xinetd":
+        return start_xinetd(env, probe=probe)
+    unit = "pop3d@.service" if kind == "systemd-accept-yes" else "pop3d-listen.service"
+    mode = ["--inetd", "-a"] if kind == "systemd-accept-yes" else []
+    command = unit_command(unit, launcher, env.conf)
+    return launch(
+        lambda port: [SSA, *mode, "-l", f"127.0.0.1:{port}", *command], env.base / "ssa.out", probe=probe
+    )
+
+
+LAUNCHERS = {"inetd": INETD, "xinetd": XINETD, "systemd-accept-yes": SSA, "systemd-accept-no": SSA}
+
+
 @needs_haproxy
 @pytest.mark.skipif(
-    not IS_ROOT, reason="needs root: openbsd-inetd runs pop3d as the shipped line's user (root)"
+    not IS_ROOT, reason="needs root: the launchers run pop3d as the shipped files' user (root)"
 )
-@pytest.mark.skipif(INETD is None, reason="openbsd-inetd is not installed (Debian package openbsd-inetd)")
-@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
-def test_haproxy_in_front_of_inetd(proxied: Pop3Env, tmp_path, send_proxy: str) -> None:
-    launcher = write_launcher(proxied.base)
-    conf = proxied.base / "inetd.conf"
-
-    def command(port: int) -> list[str]:
-        conf.write_text(inetd_conf_line("pop3", port, launcher, proxied.conf))
-        return [INETD, "-d", str(conf)]
-
-    served = launch(command, proxied.base / "inetd.out", probe=greets_after(V2_LOCAL))
+@pytest.mark.parametrize(
+    ("kind", "send_proxy"),
+    [("inetd", "send-proxy"), *((kind, "send-proxy-v2") for kind in LAUNCHERS)],
+)
+def test_haproxy_in_front_of_each_launcher(proxied: Pop3Env, tmp_path, kind: str, send_proxy: str) -> None:
+    """openbsd-inetd, xinetd and the systemd units (Accept=yes: the connection on fd 0 whose peer
+    is HAProxy; Accept=no: the listener) with the shipped files, HAProxy in front."""
+    if LAUNCHERS[kind] is None:
+        pytest.skip(f"{kind}: its launcher is not installed")
+    served = start_launcher(proxied, kind)
+    before = proxied.log_text().count(CHECKED)  # the launcher's probes end the same way
     haproxy, port = start_haproxy(tmp_path, [("127.0.0.1", served.port)], send_proxy)
     try:
         pop3_round(connect("127.0.0.1", port, source="127.0.0.2"))
-        health_checks_pass(proxied, haproxy)
+        health_checks_pass(proxied, haproxy, before)
     finally:
         haproxy.stop()
         served.stop()
