@@ -119,9 +119,12 @@ class Pop3Env:
         """pop3d on one end of a socketpair, as inetd starts it; our end is returned."""
         return self.spawn(self.command(*extra))
 
-    def spawn(self, argv: list[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
-        """`argv` (pop3d, or something that execs it) on one end of a socketpair, as inetd does."""
-        ours, theirs = socket.socketpair()
+    def spawn(
+        self, argv: list[str], pair: tuple[socket.socket, socket.socket] | None = None
+    ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+        """`argv` (pop3d, or something that execs it) on one end of a socketpair, as inetd does
+        (or of `pair`, our end and its: a TCP connection, say); our end is returned."""
+        ours, theirs = pair or socket.socketpair()
         proc = subprocess.Popen(
             argv,
             stdin=theirs,

@@ -79,18 +79,7 @@ def inetd_session(
         listener.listen(1)
         ours = socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT, source_address=(proxy, 0))
         theirs, _ = listener.accept()
-    proc = subprocess.Popen(
-        env.command(*extra),
-        stdin=theirs,
-        stdout=theirs,
-        stderr=subprocess.PIPE,
-        cwd=str(ROOT),
-        env=child_env(),
-    )
-    theirs.close()
-    ours.settimeout(IO_TIMEOUT)
-    env._procs.append(proc)
-    return ours, proc
+    return env.spawn(env.command(*extra), (ours, theirs))
 
 
 class Daemon:

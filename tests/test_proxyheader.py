@@ -14,21 +14,10 @@ import pytest
 from fuzz import fuzz_proxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from proxying import v2, v2_inet
 
 from pop3d import limits
 from pop3d.proxyheader import NEED_MORE, V2_SIGNATURE, Invalid, ProxyHeader, format_ip, parse
-
-
-def v2(command: int, family: int, body: bytes) -> bytes:
-    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
-
-
-def v2_inet(source: str, port: int = 40000, tlvs: bytes = b"") -> bytes:
-    src = ipaddress.ip_address(source)
-    dst = ipaddress.ip_address("127.0.0.1" if src.version == 4 else "::1")
-    family = 0x11 if src.version == 4 else 0x21
-    return v2(1, family, src.packed + dst.packed + struct.pack("!HH", port, 110) + tlvs)
-
 
 VALID = [
     (b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 110\r\n", "192.0.2.7", 56324),
