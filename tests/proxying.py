@@ -27,9 +27,10 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/ngin
 NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
 
-def v1(source: str, destination: str = "127.0.0.1", sport: int = 40000, dport: int = 110) -> bytes:
+def v1(source: str, destination: str | None = None, sport: int = 40000, dport: int = 110) -> bytes:
     """A version 1 header (nginx `proxy_protocol on`, HAProxy `send-proxy`)."""
     family = "TCP6" if ":" in source else "TCP4"
+    destination = destination or ("::1" if family == "TCP6" else "127.0.0.1")
     return f"PROXY {family} {source} {destination} {sport} {dport}\r\n".encode()
 
 
@@ -74,10 +75,13 @@ def inetd_session(
 ) -> tuple[socket.socket, subprocess.Popen]:
     """pop3d exactly as inetd starts it, with fd 0 and 1 a TCP connection whose peer is `proxy`
     (the address a proxy connects from): our end of it, and the process."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in proxy else socket.AF_INET
+    with socket.socket(family) as listener:
+        listener.bind((proxy, 0))
         listener.listen(1)
-        ours = socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT, source_address=(proxy, 0))
+        ours = socket.create_connection(
+            listener.getsockname()[:2], timeout=IO_TIMEOUT, source_address=(proxy, 0)
+        )
         theirs, _ = listener.accept()
     return env.spawn(env.command(*extra), (ours, theirs))
 

@@ -140,6 +140,18 @@ def test_version_2_and_ipv6_clients(proxied: Pop3Env, header: bytes, client: str
     assert login_lines(proxied) == [client]
 
 
+def test_a_proxy_on_ipv6(proxied: Pop3Env) -> None:
+    """A proxy connecting over IPv6 (::1 in proxy_from), relaying an IPv4 client, then a loopback
+    one (local for plaintext_on_loopback: the proxy is on this host too)."""
+    proxied.write_config(plaintext_auth="tls", plaintext_on_loopback="yes")
+    for client, reply in (("192.0.2.13", b"-ERR [AUTH]"), ("::1", b"+OK")):
+        sock, proc = inetd_session(proxied, "::1")
+        sock.sendall(v1(client) + b"USER alice\r\nQUIT\r\n")
+        assert read_all(sock).split(b"\r\n")[1].startswith(reply)
+        assert proc.wait(timeout=20) == 0
+    assert "rip=192.0.2.13 " in proxied.log_text() and "rip=::1 " in proxied.log_text()
+
+
 def test_a_header_arriving_in_pieces_is_waited_for(proxied: Pop3Env) -> None:
     sock, proc = inetd_session(proxied)
     header = v2_inet("192.0.2.11")
