@@ -56,6 +56,7 @@ from test_system import Account, account  # noqa: F401  (the fixture: a real acc
 from pop3d import config as cfg
 
 GREETING = b"+OK POP3 server ready\r\n"
+BUSY = b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
 PAM_EXEC = Path("/usr/lib/x86_64-linux-gnu/security/pam_exec.so")
 needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (Debian package haproxy)"
@@ -309,8 +310,15 @@ def test_max_sessions_per_ip_counts_the_clients_behind_the_proxy(proxied: Pop3En
     for sock in held:
         assert sock.recv(100) == GREETING  # four sessions from one proxy: two clients, two each
     third = open_session(port, v1("192.0.2.1"))
-    assert read_all(third) == b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
+    assert read_all(third) == BUSY
     assert "refusing 192.0.2.1: max_sessions_per_ip reached" in proxied.log_text()
+    # IPv6 clients behind the proxy count per /64, as direct ones do.
+    ipv6 = [open_session(port, v2_inet(f"2001:db8:0:7::{n}")) for n in (1, 2)]
+    for sock in ipv6:
+        assert sock.recv(100) == GREETING
+    assert read_all(open_session(port, v1("2001:db8:0:7::3"))) == BUSY
+    assert "refusing 2001:db8:0:7::/64: max_sessions_per_ip reached" in proxied.log_text()
+    assert open_session(port, v1("2001:db8:0:8::1")).recv(100) == GREETING
     held[0].close()  # one of 192.0.2.1's sessions ends: the next one is admitted
     assert wait_for(lambda: open_session(port, v1("192.0.2.1")).recv(100) == GREETING)
     for sock in held[1:]:
@@ -318,8 +326,6 @@ def test_max_sessions_per_ip_counts_the_clients_behind_the_proxy(proxied: Pop3En
 
 
 # ------------------------------------------------------------------------------ real HAProxy
-
-BUSY = b"-ERR [SYS/TEMP] Too many sessions from your address; try again later.\r\n"
 
 
 def pop3_round(sock: socket.socket) -> None:
