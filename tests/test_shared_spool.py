@@ -92,8 +92,11 @@ class Host:
 
 
 @pytest.fixture
-def hosts(env: Pop3Env):
-    env.write_config(locks="dotlock", lock_timeout=3, stale_lock=2)
+def hosts(env: Pop3Env, request: pytest.FixtureRequest):
+    """Hosts A and B on the test's spool directory; `mda_locks` as the test's parameter asks."""
+    env.write_config(
+        locks="dotlock", lock_timeout=3, stale_lock=2, mda_locks=getattr(request, "param", "session")
+    )
     started: list[Host] = []
     try:
         started.append(Host(env, "hosta", "127.0.0.5", own_pids=False))
@@ -144,12 +147,14 @@ def test_a_live_lock_of_one_host_holds_against_the_other(env: Pop3Env, hosts: li
 
 
 @pytest.mark.skipif(PROCMAIL is None, reason="needs procmail (Debian package procmail)")
+@pytest.mark.parametrize("hosts", ["session", "brief"], indirect=True)
 def test_both_hosts_polling_while_mail_arrives_lose_and_duplicate_nothing(
     env: Pop3Env, hosts: list[Host]
 ) -> None:
     """procmail (`:0:`: a dotlock, as on another host) delivers while a poller on each host logs
     in, retrieves everything, deletes it and quits, again and again: every message delivered is
-    taken exactly once (by a session whose QUIT succeeded) or is still in the spool."""
+    taken exactly once (by a session whose QUIT succeeded) or is still in the spool; in both
+    mda_locks modes."""
     import pwd
 
     rc = env.base / "procmailrc"
@@ -217,6 +222,7 @@ def test_both_hosts_polling_while_mail_arrives_lose_and_duplicate_nothing(
     assert sorted(taken) == sorted(delivered), "lost or duplicated"
     assert len(delivered) == total
     assert env.spool_path().read_bytes() == b""
-    assert [path.name for path in env.spool_dir.iterdir()] == ["alice"]  # no lock, no journal left
+    # No dotlock, journal or session lock file left behind.
+    assert [path.name for path in env.spool_dir.iterdir()] == ["alice"]
     for host in hosts:
         assert "login: user=alice" in host.text()
