@@ -160,6 +160,8 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     "line_timeout": (limits.COMMAND_LINE_TIMEOUT, _number(1, 86400)),
     "write_timeout": (limits.WRITE_TIMEOUT, _number(1, 86400)),
     "mbox_format": ("mboxo", _choice("mboxo", "mboxrd")),
+    # A cache (docs/DATA-SAFETY.md): /var/cache, whose contents may be deleted at any time.
+    "index_dir": (limits.DEFAULT_INDEX_DIR, _path),
     "log": ("syslog", _log),
     "pam_service": ("pop3d", _text),
     "first_uid": (1000, _number(1, 2**31, int)),

@@ -89,3 +89,13 @@ PROXY_HEADER_MAX = 2048
 # A proxy sends its header at once, as the connection opens (HAProxy's specification: wait "at
 # least 3 seconds to cover a TCP retransmit"; Postfix waits 5 s, Dovecot 3 s): 5 s, then close.
 DEFAULT_PROXY_TIMEOUT = 5.0
+# index: the default index_dir (docs/DATA-SAFETY.md): a cache, rebuilt by one scan when lost.
+DEFAULT_INDEX_DIR = "/var/cache/pop3d"
+# index: largest index file read or written (29 octets a message: ~2 million messages).
+INDEX_MAX_BYTES = 64 * 1024 * 1024
+# index: octets before the last indexed From_ line whose CRC-32 must match before the index is
+# used (with that From_ line itself): a lock-ignoring truncation or rewrite of the end shows here.
+INDEX_CHECK_BEFORE = 64 * 1024
+# index: longest wait, after pop3d's own update, for the clock to pass the spool's new ctime so
+# that the fresh index can be trusted (one kernel tick, 4 ms at HZ=250; more: no index written).
+INDEX_SETTLE_WAIT = 0.02

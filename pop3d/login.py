@@ -95,7 +95,11 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
 
     try:
         path = expand_mailbox(str(config.mailbox), account.name, account.home)
+        root = os.geteuid() == 0
+        index_file = _index_file(config, account) if root else None  # root makes its directory
         _drop_privileges(config, account, path)
+        if not root:
+            index_file = _index_file(config, account)
         opened = maildrop.Maildrop.open(
             path,
             locks=tuple(config.locks),  # type: ignore[arg-type]
@@ -105,6 +109,7 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
             expected_uid=os.geteuid(),
             log=log.warning,
             mda_locks=str(config.mda_locks),
+            index=index_file,
         )
     except LoginRefused as e:
         log.error(f"login refused: user={account.name} rip={peer}: {e}")
@@ -120,9 +125,20 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
         raise
     log.info(
         f"login: user={account.name} rip={peer} uid={os.geteuid()} "
-        f"messages={opened.listing.count} size={opened.listing.total_size}"
+        f"messages={opened.listing.count} size={opened.listing.total_size} scanned={opened.scanned}"
     )
     return account.name, opened
+
+
+def _index_file(config: Config, account: auth.Account) -> str | None:
+    """The maildrop's index file (pop3d/index.py), its directory made by root for the account
+    before the privilege drop; None when `index_dir` is empty or unusable (logged)."""
+    if not config.index_dir:
+        return None
+    from pop3d import index
+
+    directory = index.prepare(str(config.index_dir), account.uid, account.gid, log.warning)
+    return index.file_for(directory, account.name) if directory is not None else None
 
 
 def _check(config: Config, name: str | None, password: bytes, peer: str) -> tuple[auth.Account | None, str]:
@@ -234,8 +250,9 @@ def _import_session_modules() -> None:
     import pwd  # noqa: F401
     import re  # noqa: F401
     import struct  # noqa: F401
+    import zlib  # noqa: F401
 
-    from pop3d import locking, maildrop, mbox  # noqa: F401
+    from pop3d import index, locking, maildrop, mbox  # noqa: F401
 
 
 def groups_for(config: Config, account: auth.Account, path: str) -> list[int]:

@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import stat
+import sys
 import time
 
 from . import limits, names, update
@@ -152,6 +153,7 @@ class Maildrop:
         "_fd",
         "_fmt",
         "_head",
+        "_index",
         "_length",
         "_lock",
         "_lock_ok",
@@ -161,6 +163,7 @@ class Maildrop:
         "_tail",
         "listing",
         "path",
+        "scanned",
     )
 
     def __init__(
@@ -172,14 +175,19 @@ class Maildrop:
         lock: MailboxLock,
         fmt: str,
         log: Callable[[str], None],
+        index: str | None = None,
+        scanned: int | None = None,
     ) -> None:
         self.path = path
         self.listing = listing
+        # Octets the open scanned: all of them, fewer when the index held the rest (0: none).
+        self.scanned = listing.scanned_length if scanned is None else scanned
         self._fd = fd
         self._buf = buf
         self._lock = lock
         self._fmt = fmt
         self._log = log
+        self._index = index  # the index file (pop3d/index.py) the update refreshes, if any
         self._length = int(listing.scanned_length)
         self._head = bytes(buf[:_FINGERPRINT])
         self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
@@ -200,8 +208,10 @@ class Maildrop:
         expected_uid: int | None = None,
         log: Callable[[str], None] | None = None,
         mda_locks: str = "session",
+        index: str | None = None,
     ) -> Maildrop:
-        """Open safely, lock, finish any interrupted update, map and scan the spool.
+        """Open safely, lock, finish any interrupted update, map and scan the spool (from the
+        file `index` when it proves right: see "the index" below).
 
         mda_locks="session": the `locks` stay held until commit or close. "brief": the session
         lock (locking.SessionLock) is held until then instead, and the `locks` only while the
@@ -221,7 +231,7 @@ class Maildrop:
             except BaseException as e:
                 _raise_lock_error(path, e)
         try:
-            md = cls._open(path, locks, deadline, stale_lock, mbox_format, expected_uid, log)
+            md = cls._open(path, locks, deadline, stale_lock, mbox_format, expected_uid, log, index)
         except BaseException:
             if private is not None:
                 private.release()
@@ -242,6 +252,7 @@ class Maildrop:
         mbox_format: str,
         expected_uid: int | None,
         log: Callable[[str], None],
+        index: str | None,
     ) -> Maildrop:
         from .locking import MailboxLock
 
@@ -267,7 +278,7 @@ class Maildrop:
             raise MaildropTempError(f"{path}: replaced repeatedly while being locked")
         assert lock is not None
         try:
-            return cls._load(path, fd, lock, mbox_format, log)
+            return cls._load(path, fd, lock, mbox_format, log, index)
         except BaseException:
             lock.release()
             if fd is not None:
@@ -276,7 +287,13 @@ class Maildrop:
 
     @classmethod
     def _load(
-        cls, path: str, fd: int | None, lock: MailboxLock, fmt: str, log: Callable[[str], None]
+        cls,
+        path: str,
+        fd: int | None,
+        lock: MailboxLock,
+        fmt: str,
+        log: Callable[[str], None],
+        index: str | None,
     ) -> Maildrop:
         """Under the lock: recover, then map and scan (an empty file cannot be mapped)."""
         from . import mbox
@@ -284,11 +301,15 @@ class Maildrop:
         buf: mmap.mmap | bytes = b""
         try:
             update.recover(fd, path, log)
-            size = os.fstat(fd).st_size if fd is not None else 0
-            if size:
-                buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)  # type: ignore[arg-type]
-            listing = mbox.scan(buf, fmt)
-            return cls(path, fd, buf, listing, lock, fmt, log)
+            now = _ctime_clock() if index else 0  # read before the stat (see _settled)
+            st = os.fstat(fd) if fd is not None else None
+            if st is not None and st.st_size:
+                buf = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)  # type: ignore[arg-type]
+            if index and st is not None:
+                listing, scanned = _indexed_scan(index, path, st, now, buf, fmt, log)
+            else:
+                listing, scanned = mbox.scan(buf, fmt), None
+            return cls(path, fd, buf, listing, lock, fmt, log, index, scanned)
         except BaseException as e:
             if isinstance(buf, mmap.mmap):
                 buf.close()
@@ -483,6 +504,8 @@ class Maildrop:
                 f"{self.path}: rewritten since login (a program ignoring the locks?): {e}; "
                 "update aborted, nothing written"
             ) from None
+        if self._index:
+            _index_after_update(self._index, self.path, fd, listing, order, self._fmt, self._log)
 
     def _relock(self) -> None:
         """Brief MDA locks: take them again for the update (an MDA holding them a moment is
@@ -657,3 +680,192 @@ class _PreadBuffer:
         lo = max(start, 0)
         k = self._read(lo, self._length if end is None else end).rfind(sub)
         return k + lo if k >= 0 else -1
+
+
+# ------------------------------------------------------------------------------ the index
+#
+# pop3d/index.py keeps each spool's listing between sessions; nothing it holds is believed
+# before the spool proves it here. A record is used as it is only when the spool's device,
+# inode, size, mtime and ctime are those it recorded (a writer can put the mtime back; only the
+# kernel sets the ctime) and the bytes it relies on still hold (the last indexed From_ line and
+# the CRC-32 of the INDEX_CHECK_BEFORE octets before it). A spool that only grew, with those
+# bytes intact, is scanned from that last From_ line on. Anything else is a full scan, and the
+# record is rewritten. A record is written only with a stat the clock had already passed
+# (_settled): a later change cannot then leave the ctime as it was.
+
+
+def _ctime_clock() -> int:
+    """Now, on the clock the kernel stamps ctimes with (Linux: CLOCK_REALTIME_COARSE, which
+    lags the fine clock by up to a tick); elsewhere the fine clock less a generous tick."""
+    try:
+        return time.clock_gettime_ns(_COARSE_CLOCK)
+    except (OSError, AttributeError, TypeError):
+        return time.time_ns() - 50_000_000
+
+
+_COARSE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", 5 if sys.platform == "linux" else None)
+
+
+def _settled(now_ns: int, ctime_ns: int) -> bool:
+    """True if a change made after `now_ns` cannot leave the ctime at `ctime_ns`.
+
+    The granularity of the file system's timestamps is guessed from the value (a ctime in whole
+    seconds: a 1-second or 2-second file system); nanosecond ones need the clock to have moved on.
+    """
+    grain = 1
+    while grain < 10**9 and ctime_ns % (grain * 10) == 0:
+        grain *= 10
+    if grain == 10**9:
+        grain = 2 * 10**9
+    return now_ns >= ctime_ns + grain
+
+
+def _index_kind(fmt: str) -> bytes:
+    """What must match for a record's arrays to be what this scanner makes of the spool."""
+    from . import mbox
+
+    return b"mbox listing v%d %s uid_header_cap=%d" % (
+        mbox.LISTING_VERSION,
+        fmt.encode(),
+        limits.UID_HEADER_CAP,
+    )
+
+
+def _check_range(listing: Listing) -> tuple[int, int]:
+    """The spool bytes a record relies on: its last From_ line and INDEX_CHECK_BEFORE before it."""
+    if not listing.count:
+        return 0, 0
+    last = listing.count - 1
+    at = listing.from_offset(last)
+    return max(0, at - limits.INDEX_CHECK_BEFORE), min(listing.start(last), at + 1024)
+
+
+def _crc(buf: mmap.mmap | bytes, lo: int, hi: int) -> int:
+    import zlib
+
+    return zlib.crc32(buf[lo:hi])
+
+
+def _indexed_scan(
+    index_file: str,
+    path: str,
+    st: os.stat_result,
+    now: int,
+    buf: mmap.mmap | bytes,
+    fmt: str,
+    log: Callable[[str], None],
+) -> tuple[Listing, int]:
+    """The listing of the spool mapped in `buf` (stat `st`, taken at `now`), and how many of its
+    octets were scanned: from the record in `index_file` if the spool proves it right, else
+    scanned (from where the record stops, if the spool only grew); the record refreshed."""
+    from . import index, mbox
+
+    kind = _index_kind(fmt)
+    record = index.load(index_file, log)
+    proved = None
+    if record is not None:
+        try:
+            proved = _proved(record, kind, path, st, buf, fmt, index_file, log)
+        except (ValueError, mbox.MboxFormatError) as e:
+            log(f"index {index_file}: {e}; scanning the whole spool")
+    if proved is None:
+        listing, start = mbox.scan(buf, fmt), 0
+    else:
+        listing, start = proved
+        if start < 0:  # the record is current
+            return listing, 0
+    scanned = len(buf) - start
+    if _settled(now, st.st_ctime_ns):
+        _save_index(index_file, kind, path, index.state(st), buf, listing, log)
+    return listing, scanned
+
+
+def _proved(
+    record: object,
+    kind: bytes,
+    path: str,
+    st: os.stat_result,
+    buf: mmap.mmap | bytes,
+    fmt: str,
+    index_file: str,
+    log: Callable[[str], None],
+) -> tuple[Listing, int] | None:
+    """The record's listing and -1 if the spool is still what it describes; if it only grew,
+    the listing resumed from the record and the offset the scan resumed at; else None."""
+    from . import index, mbox
+
+    assert isinstance(record, index.Record)
+    state = index.state(st)
+    if record.kind != kind or record.spool != path or record.state[:2] != state[:2]:
+        return None  # another scanner, spool or file (same path, new inode)
+    size = record.state[2]
+    if state != record.state and st.st_size <= size:
+        return None  # rewritten (a same-size rewrite changes the ctime), or truncated
+    prior = mbox.Listing.from_parts(record.parts, size)
+    lo, hi, crc = record.check
+    if (lo, hi) != _check_range(prior):
+        raise ValueError("its check does not cover its last message")
+    if _crc(buf, lo, hi) != crc:
+        if state == record.state:
+            log(f"index {index_file}: the spool's bytes differ from what it recorded; scanning")
+        return None
+    if state == record.state:
+        return prior, -1
+    if not prior.count:
+        return None  # it recorded an empty spool: nothing to resume from
+    last = prior.count - 1
+    return mbox.resume(buf, prior, last, fmt), prior.from_offset(last)
+
+
+def _save_index(
+    index_file: str,
+    kind: bytes,
+    path: str,
+    state: tuple[int, int, int, int, int],
+    buf: mmap.mmap | bytes,
+    listing: Listing,
+    log: Callable[[str], None],
+) -> None:
+    from . import index
+
+    lo, hi = _check_range(listing)
+    record = index.Record(kind, path, state, (lo, hi, _crc(buf, lo, hi)), listing.parts())
+    index.save(index_file, record, log)
+
+
+def _index_after_update(
+    index_file: str,
+    path: str,
+    fd: int,
+    listing: Listing,
+    deleted: list[int],
+    fmt: str,
+    log: Callable[[str], None],
+) -> None:
+    """After our own update, under the locks: the record of the spool as it now is, from the
+    old listing without the deleted messages (moved down), the last one rescanned. Waits up to
+    INDEX_SETTLE_WAIT for the clock to pass the update's ctime; never fails the update."""
+    from . import index, mbox
+
+    try:
+        kept = listing.without(deleted)
+        deadline = time.monotonic() + limits.INDEX_SETTLE_WAIT
+        while True:
+            now = _ctime_clock()
+            st = os.fstat(fd)
+            if _settled(now, st.st_ctime_ns):
+                break
+            if time.monotonic() >= deadline:
+                return  # the next session scans, and writes the record
+            time.sleep(0.001)
+        buf: mmap.mmap | bytes = b""
+        if st.st_size:
+            buf = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            fresh = mbox.resume(buf, kept, max(kept.count - 1, 0), fmt)
+            _save_index(index_file, _index_kind(fmt), path, index.state(st), buf, fresh, log)
+        finally:
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+    except (OSError, ValueError, MemoryError, mbox.MboxFormatError) as e:
+        log(f"index {index_file}: not refreshed after the update ({e}); the next session scans")

@@ -59,10 +59,14 @@ __all__ = [
     "iter_message",
     "message_bytes",
     "release_pages",
+    "resume",
     "same_message",
     "scan",
 ]
 
+# The maildrop index stores listings (pop3d/index.py): bump this whenever scan() would give other
+# arrays for the same bytes, so that no index written by an older scanner is used.
+LISTING_VERSION = 1
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
 _DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
 _HEX_BLOCK_BITS = 12  # uid() converts the digests of 4096 messages to hex at once (128 KiB)
@@ -211,6 +215,79 @@ class Listing:
         if index == 0:
             return 0
         return self._end[index - 1] + self._seplen[index - 1]
+
+    # The maildrop index stores these arrays and hands them back (pop3d/index.py).
+
+    @classmethod
+    def from_parts(cls, parts: list[array | bytearray], length: int) -> Listing:
+        """The listing whose `parts()` these are, for a spool of `length` octets (the index's
+        record); ValueError if they do not fit together."""
+        if len(parts) != 5:
+            raise ValueError("not a listing")
+        starts, ends, sizes, seplen, digests = parts
+        count = len(seplen)
+        offset_code, size_code = _typecodes(length)
+        if not (
+            isinstance(starts, array)
+            and isinstance(ends, array)
+            and isinstance(sizes, array)
+            and isinstance(seplen, bytearray)
+            and isinstance(digests, bytearray)
+            and starts.typecode == ends.typecode == offset_code
+            and sizes.typecode == size_code
+            and len(starts) == len(ends) == len(sizes) == count
+            and len(digests) == count * _DIGEST_STRIDE
+            and (not count or (ends[-1] <= length and seplen[-1] == 0))
+        ):
+            raise ValueError("the listing's arrays do not fit together")
+        return cls(starts, ends, sizes, seplen, digests, None, length)
+
+    def parts(self) -> _Parts:
+        """The listing's arrays, not copies: offsets of content start and end, sent sizes,
+        separator lengths, digests (what `Listing(*parts, None, scanned_length)` takes)."""
+        return self._start, self._end, self._size, self._seplen, self._digests
+
+    def _head(self, keep: int, length: int) -> _Parts:
+        """Copies of the arrays of messages [0, keep), typed for a spool of `length` octets."""
+        offset_code, size_code = _typecodes(length)
+        starts, ends, sizes = self._start[:keep], self._end[:keep], self._size[:keep]
+        if starts.typecode != offset_code:
+            starts, ends = array(offset_code, starts), array(offset_code, ends)
+        if sizes.typecode != size_code:
+            sizes = array(size_code, sizes)
+        return starts, ends, sizes, self._seplen[:keep], self._digests[: keep * _DIGEST_STRIDE]
+
+    def without(self, deleted: list[int]) -> Listing:
+        """The listing of the spool after the update removed messages `deleted` (sorted): each
+        kept message with its separator moved down over the removed ones. For the index only:
+        its last message's separator may now end the file, so `resume` rescans that one."""
+        offset_code, size_code = self._start.typecode, self._size.typecode
+        starts, ends, sizes = array(offset_code), array(offset_code), array(size_code)
+        seplen, digests = bytearray(), bytearray()
+        stride = _DIGEST_STRIDE
+        runs = []  # [first, last + 1) of each run of consecutive deleted messages
+        for index in deleted:
+            if runs and runs[-1][1] == index:
+                runs[-1][1] += 1
+            else:
+                runs.append([index, index + 1])
+        lo = 0  # first message of the current kept run
+        moved = 0  # octets removed before it
+        for first, after in [*runs, [self.count, self.count]]:
+            if first > lo:  # kept: [lo, first)
+                if moved:
+                    starts.extend([x - moved for x in self._start[lo:first]])
+                    ends.extend([x - moved for x in self._end[lo:first]])
+                else:
+                    starts.extend(self._start[lo:first])
+                    ends.extend(self._end[lo:first])
+                sizes.extend(self._size[lo:first])
+                seplen += self._seplen[lo:first]
+                digests += self._digests[lo * stride : first * stride]
+            if first < self.count:
+                moved += self.from_offset(after) - self.from_offset(first)
+            lo = after
+        return Listing(starts, ends, sizes, seplen, digests, None, self.scanned_length - moved)
 
 
 def _is_rd(fmt: str) -> bool:
@@ -407,30 +484,53 @@ def scan(buf: Buffer, fmt: str = "mboxo", parallel_min: int = limits.MBOX_PARALL
     Raises MboxFormatError when non-empty data does not start with a From_ line, ValueError for an
     unknown fmt ("mboxo" or "mboxrd").
     """
+    return resume(buf, None, 0, fmt, parallel_min)
+
+
+def resume(
+    buf: Buffer,
+    prior: Listing | None,
+    keep: int,
+    fmt: str = "mboxo",
+    parallel_min: int = limits.MBOX_PARALLEL_SCAN,
+) -> Listing:
+    """The listing of `buf` whose first `keep` messages are `prior`'s, scanned from the From_
+    line of prior's message `keep` on (the maildrop index: a spool that grew, or was updated).
+
+    The caller has proved that buf holds prior's messages [0, keep] where prior says (the
+    From_ line of message `keep` is rescanned, so whatever follows it may have changed). The
+    result is what `scan(buf)` gives: a message is scanned the same wherever the scan starts,
+    as long as it starts at a message's From_ line (as the parallel scan's second half does).
+    """
     rd = _is_rd(fmt)
     n = len(buf)
+    start = prior.from_offset(keep) if prior is not None and keep > 0 else 0
     if not n:
         return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
-    if buf[:5] != b"From ":
+    if start >= n or buf[start : start + 5] != b"From ":
         raise MboxFormatError("not an mbox spool: no From_ line at the start")
     split = 0
-    if n >= parallel_min > 0:
+    if n - start >= parallel_min > 0:
         # The second half starts at a From_ line after a blank line: a message boundary for sure.
         # (Looked for in a bounded stretch: a giant message in the middle means no split.)
-        k = buf.find(b"\n\nFrom ", n // 2, n // 2 + limits.MBOX_SCAN_WINDOW * 16)
+        half = start + (n - start) // 2
+        k = buf.find(b"\n\nFrom ", half, half + limits.MBOX_SCAN_WINDOW * 16)
         split = k + 2 if k >= 0 else 0
         # The search may have walked through a big attachment: its pages must not stay mapped
         # (peak RSS) while both halves are scanned.
-        release_pages(buf, n // 2, k if k >= 0 else n // 2 + limits.MBOX_SCAN_WINDOW * 16)
-    parts = _scan_parallel(buf, split, n, rd) if split else _scan_range(buf, 0, n, rd)
+        release_pages(buf, half, k if k >= 0 else half + limits.MBOX_SCAN_WINDOW * 16)
+    parts = _scan_parallel(buf, start, split, n, rd) if split else _scan_range(buf, start, n, rd)
+    if start:
+        assert prior is not None
+        parts = _join(prior._head(keep, n), parts, start)
     return Listing(*parts, None, n)
 
 
 _Parts = tuple[array, array, array, bytearray, bytearray]
 
 
-def _scan_parallel(buf: Buffer, split: int, n: int, rd: bool) -> _Parts:
-    """[0, split) here and [split, n) in a forked child at the same time, then joined.
+def _scan_parallel(buf: Buffer, start: int, split: int, n: int, rd: bool) -> _Parts:
+    """[start, split) here and [split, n) in a forked child at the same time, then joined.
 
     Two cores halve the wall time of the scan (bytes.count and rfind run at ~1.5 GB/s each in
     CPython: one process cannot go faster). The child shares the read-only mapping, sends its
@@ -443,7 +543,7 @@ def _scan_parallel(buf: Buffer, split: int, n: int, rd: bool) -> _Parts:
     try:
         rfd, wfd = os.pipe()
     except OSError:
-        return _join(_scan_range(buf, 0, split, rd), _scan_range(buf, split, n, rd), split)
+        return _join(_scan_range(buf, start, split, rd), _scan_range(buf, split, n, rd), split)
     try:
         pid = os.fork()
     except OSError:
@@ -463,7 +563,7 @@ def _scan_parallel(buf: Buffer, split: int, n: int, rd: bool) -> _Parts:
             os._exit(status)
     os.close(wfd)
     try:
-        first = _scan_range(buf, 0, split, rd)
+        first = _scan_range(buf, start, split, rd)
         data = bytearray()  # one copy of the answer in memory, not two
         while True:
             try:

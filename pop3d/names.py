@@ -36,6 +36,7 @@ JOURNAL_TEMP = "journal-tmp"
 SESSION_LOCK = "session"
 UNUSABLE = "unusable"  # + "-<time>-<pid>": a journal put aside for the administrator
 DOTLOCK_TEMP = "lk"  # + "-<host>-<pid>-<random>": the file linked to the dotlock
+INDEX_TEMP = "index-tmp"  # own(user_file(index directory, user)): the index being written
 # Where pop3d before this rule kept its journal: read (and moved into `own`) only once proven.
 LEGACY_JOURNAL_SUFFIX = ".pop3d-journal"
 

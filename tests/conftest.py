@@ -75,6 +75,7 @@ class Pop3Env:
             "auth": "htpasswd",
             "htpasswd": str(self.htpasswd),
             "mailbox": f"{self.spool_dir}/%u",
+            "index_dir": str(base / "index"),
             "log": str(self.log),
             "auth_failure_delay": 0,
             "lock_timeout": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import re
 import tracemalloc
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -681,7 +682,7 @@ def test_parallel_scan_equals_sequential_at_every_boundary(data):
         whole = mbox.scan(data, fmt, parallel_min=0)
         k = data.find(b"\n\nFrom ")
         while k >= 0:
-            parts = mbox._scan_parallel(data, k + 2, len(data), fmt == "mboxrd")
+            parts = mbox._scan_parallel(data, 0, k + 2, len(data), fmt == "mboxrd")
             same_listing(mbox.Listing(*parts, None, len(data)), whole)
             k = data.find(b"\n\nFrom ", k + 1)
 
@@ -702,6 +703,51 @@ def test_parallel_scan_without_a_helper_process(monkeypatch):
 def test_property_parallel_scan_is_the_same_listing(content, fmt):
     data = b"From " + content
     same_listing(mbox.scan(data, fmt, parallel_min=1), mbox.scan(data, fmt, parallel_min=0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=contents, fmt=st.sampled_from(["mboxo", "mboxrd"]), more=contents)
+def test_property_resumed_scan_is_the_full_scan(content, fmt, more):
+    """The index's scan: from any message's From_ line on, after bytes were appended, the
+    listing is a full scan's (the messages before it are taken from the old listing)."""
+    data = b"From " + content
+    old = mbox.scan(data, fmt)
+    grown = data + b"From " + more
+    for keep in range(old.count):
+        same_listing(mbox.resume(grown, old, keep, fmt), mbox.scan(grown, fmt))
+        same_listing(mbox.resume(grown, old, keep, fmt, parallel_min=1), mbox.scan(grown, fmt))
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=contents, fmt=st.sampled_from(["mboxo", "mboxrd"]), data=st.data())
+def test_property_listing_without_deleted_messages_then_resumed_is_the_full_scan(content, fmt, data):
+    """After pop3d's update the index takes the old listing without the deleted messages and
+    rescans the last kept one: the same listing as a full scan of what the update leaves."""
+    spool = b"From " + content
+    old = mbox.scan(spool, fmt)
+    deleted = sorted(data.draw(st.sets(st.integers(0, old.count - 1))))
+    kept = [i for i in range(old.count) if i not in deleted]
+    after = b"".join(spool[old.from_offset(i) : old.from_offset(i + 1)] for i in kept)
+    moved = old.without(deleted)
+    assert moved.count == len(kept) and moved.scanned_length == len(after)
+    same_listing(mbox.resume(after, moved, max(len(kept) - 1, 0), fmt), mbox.scan(after, fmt))
+
+
+def test_a_listing_rebuilt_from_its_parts_is_the_same_and_bad_parts_are_refused():
+    data = PARALLEL_CORPUS[-2]
+    listing = mbox.scan(data)
+    same_listing(mbox.Listing.from_parts(list(listing.parts()), len(data)), listing)
+    starts, ends, sizes, seplen, digests = listing.parts()
+    for bad in (
+        [starts, ends, sizes, seplen],
+        [starts, ends, sizes, seplen[:-1], digests],
+        [starts, ends, sizes, seplen, digests + b"x"],
+        [array("Q", starts), ends, sizes, seplen, digests],
+    ):
+        with pytest.raises(ValueError):
+            mbox.Listing.from_parts(bad, len(data))
+    with pytest.raises(ValueError):
+        mbox.Listing.from_parts(list(listing.parts()), ends[-1] - 1)
 
 
 def test_parallel_scan_of_a_mapped_spool(tmp_path):

@@ -1,0 +1,764 @@
+"""The maildrop index (pop3d/index.py, maildrop's "the index" section): a cache of each spool's
+listing that is never trusted.
+
+Every test compares what a session answers (STAT, LIST, UIDL, RETR) with a full scan of the
+spool's bytes, and checks how much the open scanned (`Maildrop.scanned`, or `scanned=` in the
+login line): 0 when the index answered, the tail when the spool only grew, all of it otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import shutil
+import stat
+import subprocess
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, PASSWORD, Pop3Env, mbox_bytes, sample_messages
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from pop3d import index, limits, maildrop, mbox
+from pop3d.locking import MailboxLock
+
+DOTLOCKFILE = shutil.which("dotlockfile")
+PROCMAIL = shutil.which("procmail")
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown, directories made for an account)")
+
+MESSAGES = [
+    b"From: a@example.org\nSubject: one\n\nHello.\n.leading dot\n",
+    b"From: b@example.org\nSubject: two\n\n>From quoted\nFrom unquoted but not after blank\n",
+    b"From: c@example.org\r\nSubject: crlf\r\n\r\nstored with CRLF\r\n",
+    b"From: d@example.org\nSubject: blank lines\n\nbody\n\n\n",
+    b"From: e@example.org\nSubject: twin\n\nsame\n",
+    b"From: e@example.org\nSubject: twin\n\nsame\n",  # a duplicate: UIDs -2
+]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def expected(path: Path, fmt: str = "mboxo") -> object:
+    """What a full scan of the spool's bytes answers: STAT, LIST, UIDL, every RETR."""
+    data = path.read_bytes() if path.exists() else b""
+    try:
+        listing = mbox.scan(data, fmt)
+    except mbox.MboxFormatError:
+        return "not an mbox"
+    return answers(listing, lambda i: b"".join(mbox.iter_message(data, listing, i, fmt=fmt)))
+
+
+def answers(listing: mbox.Listing, retr: object) -> object:
+    n = listing.count
+    return (n, listing.total_size), listing.sizes(0, n), listing.uids(0, n), [retr(i) for i in range(n)]  # type: ignore[operator]
+
+
+def served(md: maildrop.Maildrop) -> object:
+    return answers(md.listing, lambda i: b"".join(md.iter_message(i)))
+
+
+class Spool:
+    """A spool and its index file, opened as a session opens them (with a log kept)."""
+
+    def __init__(self, base: Path, name: str = "alice", fmt: str = "mboxo") -> None:
+        self.path = base / name
+        directory = index.prepare(str(base / "index"), os.geteuid(), os.getegid(), print)
+        assert directory is not None
+        self.index = Path(index.file_for(directory, name))
+        self.fmt = fmt
+        self.log: list[str] = []
+
+    def open(self) -> maildrop.Maildrop:
+        return maildrop.Maildrop.open(
+            str(self.path),
+            locks=("dotlock", "fcntl"),
+            lock_timeout=5,
+            mbox_format=self.fmt,
+            log=self.log.append,
+            index=str(self.index),
+        )
+
+    def session(self, deleted: tuple[int, ...] = ()) -> int:
+        """One session: its answers must be a full scan's; returns how much it scanned."""
+        with self.open() as md:
+            assert served(md) == expected(self.path, self.fmt)
+            scanned = md.scanned
+            md.commit(deleted)
+        return scanned
+
+    def write(self, data: bytes) -> None:
+        self.path.write_bytes(data)
+        settle(self.path)
+
+    def deliver(self, data: bytes) -> None:
+        """An MDA's append, under the dotlock and the fcntl lock."""
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        lock = MailboxLock(str(self.path), fd, ("dotlock", "fcntl"), 5.0)
+        try:
+            lock.acquire()
+            os.write(fd, data)
+        finally:
+            lock.release()
+            os.close(fd)
+
+
+def settle(path: Path) -> None:
+    """Wait (a tick at most) until the kernel's clock has passed the spool's ctime, so that the
+    next open may write an index: a spool changed in the clock tick of its stat gets none."""
+    while not maildrop._settled(maildrop._ctime_clock(), os.stat(path).st_ctime_ns):
+        pass
+
+
+def rewrite_same_size(path: Path, moved: int = 3) -> None:
+    """A mail reader's rewrite in place: `moved` octets more in the first message, as many fewer
+    in the second, so the From_ line between them moves; same size, and the mtime put back."""
+    st = os.stat(path)
+    data = path.read_bytes()
+    listing = mbox.scan(data)
+    first_end, second_end = listing.end(0) - 1, listing.end(1) - 1  # before their last LF
+    new = data[:first_end] + b"X" * moved + data[first_end : second_end - moved] + data[second_end:]
+    assert len(new) == len(data) and new != data
+    with open(path, "r+b") as f:
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path)
+    s.write(mbox_bytes(MESSAGES))
+    return s
+
+
+# ------------------------------------------------------------------------------ what is used when
+
+
+def test_an_unchanged_spool_is_answered_from_the_index(spool: Spool) -> None:
+    size = spool.path.stat().st_size
+    assert spool.session() == size
+    assert any("none yet" in line for line in spool.log)
+    assert spool.index.exists()
+    assert spool.session() == 0
+    assert spool.session() == 0
+
+
+def test_a_spool_that_only_grew_is_scanned_from_its_last_indexed_message(spool: Spool) -> None:
+    spool.session()
+    before = mbox.scan(spool.path.read_bytes())
+    spool.deliver(mbox_bytes([b"Subject: new\n\nnew mail\n"]))
+    settle(spool.path)
+    assert spool.session() == spool.path.stat().st_size - before.from_offset(before.count - 1)
+    assert spool.session() == 0
+
+
+def test_an_append_that_continues_the_last_message_is_seen(tmp_path: Path) -> None:
+    """A spool without the final blank line: a From_ line appended is body text of the last
+    message (not a new one), so the last indexed message must be rescanned, not trusted."""
+    spool = Spool(tmp_path)
+    spool.write(mbox_bytes(MESSAGES)[:-1])
+    spool.session()
+    spool.deliver(b"From x Thu Nov 26 10:00:00 2026\nSubject: glued\n\nbody\n")
+    settle(spool.path)
+    assert spool.session() > 0
+    assert mbox.scan(spool.path.read_bytes()).count == len(MESSAGES)
+
+
+@pytest.mark.parametrize("deleted", [(0,), (5,), (2, 3), (0, 2, 4), tuple(range(6))], ids=str)
+def test_pop3ds_own_update_leaves_a_fresh_index(spool: Spool, deleted: tuple[int, ...]) -> None:
+    spool.session()
+    spool.session(deleted)
+    assert spool.session() == 0
+
+
+def test_the_update_keeps_what_was_appended_meanwhile_and_indexes_it(spool: Spool) -> None:
+    spool.session()
+    with spool.open() as md:
+        with open(spool.path, "ab") as f:  # a writer that ignores our locks
+            f.write(mbox_bytes([b"Subject: late\n\nlate\n"]))
+        md.commit([1])
+    assert mbox.scan(spool.path.read_bytes()).count == len(MESSAGES)
+    assert spool.session() == 0
+
+
+def test_a_same_size_rewrite_with_the_mtime_put_back_is_rescanned(tmp_path: Path) -> None:
+    """Far from the end (the bytes the index checks are intact): only the ctime shows it."""
+    spool = Spool(tmp_path)
+    big = b"Subject: big\n\n" + b"x" * 99 + b"\n"
+    spool.write(mbox_bytes([*MESSAGES, *[big] * (2 * limits.INDEX_CHECK_BEFORE // 100), MESSAGES[0]]))
+    spool.session()
+    rewrite_same_size(spool.path)
+    assert spool.session() == spool.path.stat().st_size
+
+
+def test_a_lock_ignoring_truncation_is_rescanned(spool: Spool) -> None:
+    spool.session()
+    os.truncate(spool.path, spool.path.stat().st_size // 2)
+    assert spool.session() == spool.path.stat().st_size
+
+
+def test_a_truncation_then_more_mail_than_before_is_rescanned(spool: Spool) -> None:
+    spool.session()
+    size = spool.path.stat().st_size
+    os.truncate(spool.path, size // 2)
+    spool.deliver(b"\n" + mbox_bytes([b"Subject: %d\n\n%s\n" % (i, b"x" * 40) for i in range(8)]))
+    assert spool.path.stat().st_size > size
+    assert spool.session() == spool.path.stat().st_size
+
+
+def test_an_edit_just_before_the_last_indexed_message_then_new_mail_is_rescanned(spool: Spool) -> None:
+    """The spool grew, but the octets the index relies on changed (a header edited in place by
+    a program ignoring the locks, same length): their checksum sends the session to a full scan."""
+    spool.session()
+    data = spool.path.read_bytes()
+    at = data.index(b"Subject: twin")  # the message before the last
+    with open(spool.path, "r+b") as f:
+        f.seek(at)
+        f.write(b"Subject: TWIN")
+    spool.deliver(mbox_bytes([b"Subject: new\n\nnew mail\n"]))
+    assert spool.session() == spool.path.stat().st_size
+
+
+def test_a_replaced_spool_is_rescanned(spool: Spool) -> None:
+    spool.session()
+    data = spool.path.read_bytes()
+    new = spool.path.with_name("new")
+    new.write_bytes(data.replace(b"Subject: one", b"Subject: 1ne"))  # same size, other UID
+    os.rename(new, spool.path)
+    assert spool.session() == len(data)
+
+
+def test_another_mbox_format_is_rescanned(tmp_path: Path) -> None:  # same user, same index
+    spool = Spool(tmp_path)
+    spool.write(mbox_bytes(MESSAGES))
+    spool.session()
+    rd = Spool(tmp_path, fmt="mboxrd")
+    assert rd.index == spool.index
+    assert rd.session() == spool.path.stat().st_size  # the sizes differ: >From lines
+
+
+def test_an_index_written_for_another_spool_is_not_used(tmp_path: Path) -> None:
+    alice, bob = Spool(tmp_path, "alice"), Spool(tmp_path, "bob")
+    alice.write(mbox_bytes(MESSAGES))
+    bob.write(mbox_bytes(MESSAGES[:2]))
+    alice.session()
+    bob.session()
+    shutil.copy(bob.index, alice.index)
+    assert alice.session() == alice.path.stat().st_size
+
+
+def test_a_spool_changed_in_the_clock_tick_of_its_stat_gets_no_index() -> None:
+    """A later change could keep the ctime a record holds: such a stat is never recorded."""
+    ctime = 1_796_520_908_304_759_271
+    assert not maildrop._settled(ctime, ctime)
+    assert not maildrop._settled(ctime - 1, ctime)
+    assert maildrop._settled(ctime + 1, ctime)
+    whole = 1_796_520_908_000_000_000  # a file system with 1 s or 2 s timestamps
+    assert not maildrop._settled(whole + 1_999_999_999, whole)
+    assert maildrop._settled(whole + 2_000_000_000, whole)
+
+
+# ------------------------------------------------------------------------------ a damaged index
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _other_version(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:12] = (99).to_bytes(4, "little")
+    data[-4:] = zlib.crc32(bytes(data[:-4])).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def _oversized(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(limits.INDEX_MAX_BYTES + 1)  # sparse: no disk used
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_bytes(b"")
+
+
+DAMAGE = {
+    "deleted": (Path.unlink, "none yet"),
+    "truncated": (lambda p: os.truncate(p, p.stat().st_size // 3), "checksum mismatch"),
+    "empty": (lambda p: os.truncate(p, 0), "truncated"),
+    "flipped byte": (_flip, "checksum mismatch"),
+    "garbage": (lambda p: p.write_bytes(os.urandom(5000)), "not a pop3d index"),
+    "other version": (_other_version, "not this version's"),
+    "oversized": (_oversized, "over"),
+    "hard-linked": (lambda p: os.link(p, p.with_name("link")), "has 2 links"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_index_is_ignored_logged_and_rebuilt(spool: Spool, damage: str) -> None:
+    spool.session()
+    harm, logged = DAMAGE[damage]
+    harm(spool.index)
+    assert spool.session() == spool.path.stat().st_size  # a full scan, right answers
+    assert any(logged in line for line in spool.log), spool.log
+    assert spool.session() == 0  # rebuilt
+    assert stat.S_ISREG(os.lstat(spool.index).st_mode)
+
+
+def test_a_directory_in_place_of_the_index_never_ends_the_session(spool: Spool) -> None:
+    spool.session()
+    _directory(spool.index)
+    assert spool.session() == spool.path.stat().st_size
+    assert spool.session() == spool.path.stat().st_size  # cannot be replaced: scans, answers
+    assert any("cannot write" in line for line in spool.log), spool.log
+
+
+def test_a_symlinked_index_is_neither_read_nor_written_through(spool: Spool, tmp_path: Path) -> None:
+    spool.session()
+    target = tmp_path / "elsewhere.idx"
+    shutil.copy(spool.index, target)  # a valid index of this very spool
+    kept = target.read_bytes()
+    spool.index.unlink()
+    spool.index.symlink_to(target)
+    assert spool.session() == spool.path.stat().st_size
+    assert any("cannot open" in line for line in spool.log), spool.log
+    assert target.read_bytes() == kept
+    assert not spool.index.is_symlink()
+    assert spool.session() == 0
+
+
+@needs_root
+def test_a_foreign_owned_index_is_ignored(spool: Spool) -> None:
+    spool.session()
+    os.chown(spool.index, 65534, 65534)
+    assert spool.session() == spool.path.stat().st_size
+    assert any("owned by uid 65534" in line for line in spool.log), spool.log
+    assert spool.index.stat().st_uid == os.geteuid()
+    assert spool.session() == 0
+
+
+# ------------------------------------------------------------------------------ where it lives
+
+
+@needs_root
+def test_root_makes_each_accounts_directory_private(tmp_path: Path) -> None:
+    top = tmp_path / "index"
+    nobody = 65534
+    made = index.prepare(str(top), nobody, nobody, print)
+    assert made == f"{top}/{nobody}"
+    st_top, st_sub = os.stat(top), os.stat(made)
+    assert (st_top.st_uid, stat.S_IMODE(st_top.st_mode)) == (0, 0o711)
+    assert (st_sub.st_uid, st_sub.st_gid, stat.S_IMODE(st_sub.st_mode)) == (nobody, nobody, 0o700)
+    os.chmod(made, 0o755)
+    assert index.prepare(str(top), nobody, nobody, print) == made
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
+    os.chown(made, 1, 1)  # another account's directory under this uid's name: not taken over
+    lines: list[str] = []
+    assert index.prepare(str(top), nobody, nobody, lines.append) is None
+    assert "owned by uid 1" in lines[0]
+    assert os.stat(made).st_uid == 1
+
+
+def test_an_index_dir_others_may_write_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    top = tmp_path / "index"
+    top.mkdir()
+    top.chmod(0o777)
+    lines: list[str] = []
+    assert index.prepare(str(top), os.geteuid(), os.getegid(), lines.append) is None
+    assert "writable by others" in lines[0]
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert index.prepare(str(link), os.geteuid(), os.getegid(), lines.append) is None
+    assert list(real.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def login_scanned(env: Pop3Env) -> list[int]:
+    return [int(n) for n in re.findall(r"login: user=\S+ .* scanned=(\d+)", env.log_text())]
+
+
+def pop3_session(env: Pop3Env, user: str = "alice", dele: tuple[int, ...] = ()) -> None:
+    """A real session: STAT, LIST, UIDL and every RETR must be a full scan's; then DELE, QUIT."""
+    path = env.spool_path(user)
+    want = expected(path)
+    client = env.client()
+    try:
+        client.user(user)
+        client.pass_(PASSWORD)
+        count, total = client.stat()
+        sizes = [int(line.split()[1]) for line in client.list()[1]]
+        uids = [line.split()[1] for line in client.uidl()[1]]
+        bodies = [b"".join(line + b"\r\n" for line in client.retr(i + 1)[1]) for i in range(count)]
+        assert ((count, total), sizes, uids, bodies) == want
+        for number in dele:
+            client.dele(number + 1)
+        client.quit()
+    finally:
+        client.close()
+    assert client.proc.wait(timeout=30) == 0
+
+
+def test_polls_between_real_procmail_and_dotlockfile_deliveries(env: Pop3Env) -> None:
+    if PROCMAIL is None or DOTLOCKFILE is None:
+        pytest.skip("procmail and dotlockfile (liblockfile-bin) not installed")
+    path = env.write_spool(mbox_bytes(sample_messages()))
+    pop3_session(env)
+    pop3_session(env)
+    rc = env.base / "procmailrc"
+    rc.write_text("LOCKSLEEP=1\n:0:\n$SPOOL\n")
+    rc.chmod(0o644)
+    kwargs: dict[str, object] = {}
+    if IS_ROOT:
+        account = env.account
+        kwargs = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    mail = b"From procmail@example.org Thu Nov 26 10:00:00 2026\nSubject: via procmail\n\nhello\n"
+    subprocess.run(["procmail", "-m", f"SPOOL={path}", str(rc)], input=mail, check=True, timeout=60, **kwargs)  # type: ignore[call-overload]
+    size_before = path.stat().st_size
+    pop3_session(env)
+    lock = f"{path}.lock"
+    subprocess.run([DOTLOCKFILE, "-l", "-r", "1", lock], check=True, timeout=60)
+    try:
+        with open(path, "ab") as f:
+            f.write(mbox_bytes([b"Subject: under dotlockfile\n\nhi\n"]))
+    finally:
+        subprocess.run([DOTLOCKFILE, "-u", lock], check=True, timeout=60)
+    pop3_session(env, dele=(0, 2))
+    pop3_session(env)
+    scanned = login_scanned(env)
+    full = len(mbox_bytes(sample_messages()))
+    assert scanned[:2] == [full, 0]
+    assert 0 < scanned[2] < size_before  # from the last indexed message on
+    assert 0 < scanned[3] < path.stat().st_size
+    assert scanned[4] == 0  # after pop3d's own update
+    assert mbox.scan(path.read_bytes()).count == len(sample_messages()) + 2 - 2
+
+
+def test_index_files_stay_out_of_the_spool_directory_and_private(env: Pop3Env) -> None:
+    env.write_spool(mbox_bytes(MESSAGES))
+    pop3_session(env)
+    pop3_session(env, dele=(1,))
+    assert sorted(p.name for p in env.spool_dir.iterdir()) == ["alice"]
+    top = env.base / "index"
+    uid = env.account.pw_uid
+    sub = top / str(uid)
+    files = list(sub.iterdir())
+    assert [p.name for p in files] == ["alice"]
+    st_sub, st_file = sub.stat(), files[0].stat()
+    assert (st_sub.st_uid, stat.S_IMODE(st_sub.st_mode)) == (uid, 0o700)
+    assert (st_file.st_uid, stat.S_IMODE(st_file.st_mode)) == (uid, 0o600)
+    if IS_ROOT:
+        assert (top.stat().st_uid, stat.S_IMODE(top.stat().st_mode)) == (0, 0o711)
+    assert login_scanned(env)[1:] == [0]
+
+
+def test_htpasswd_user_names_never_reach_each_others_index(env: Pop3Env) -> None:
+    """htpasswd users share one uid, so one directory: each index file is named after its user
+    (names.user_file: one path component, never reserved), its temporary is in the reserved
+    namespace, and names that would climb out or land on a temporary cannot log in."""
+    users = ["alice", "Alice", "alice.new", "pop3d-index-tmp.alice", "0", str(env.account.pw_uid), "index"]
+    for k, name in enumerate(users):
+        if name != "alice":
+            env.add_user(name, PASSWORD)
+        env.write_spool(mbox_bytes(MESSAGES[: k % 5 + 1]), name)
+    for name in users:
+        pop3_session(env, name)
+    for name in users:
+        pop3_session(env, name)
+    assert login_scanned(env)[len(users) :] == [0] * len(users)
+    directory = env.base / "index" / str(env.account.pw_uid)
+    assert sorted(f.name for f in directory.iterdir()) == sorted(users)
+    for f in directory.iterdir():
+        assert index._parse(bytearray(f.read_bytes())).spool == str(env.spool_path(f.name))
+    alice = directory / "alice"
+    before = alice.stat().st_ino, alice.read_bytes()
+    for hostile in ["../alice", ".pop3d-index-tmp.alice", f"../{env.account.pw_uid}/alice", "alice/"]:
+        env.add_user(hostile, PASSWORD)
+        client = env.client()
+        client.user(hostile)
+        with pytest.raises(poplib.error_proto, match="-ERR"):
+            client.pass_(PASSWORD)
+        client.quit()
+    assert (alice.stat().st_ino, alice.read_bytes()) == before
+    assert sorted(f.name for f in directory.iterdir()) == sorted(users)
+
+
+def test_an_empty_index_dir_turns_the_index_off(env: Pop3Env) -> None:
+    env.write_config(index_dir="")
+    env.write_spool(mbox_bytes(MESSAGES))
+    pop3_session(env)
+    pop3_session(env)
+    size = env.spool_path().stat().st_size
+    assert login_scanned(env) == [size, size]
+    assert not (env.base / "index").exists()
+
+
+def test_an_unusable_index_dir_costs_a_scan_and_a_log_line(env: Pop3Env) -> None:
+    top = env.base / "index"
+    top.mkdir()
+    top.chmod(0o777)
+    env.write_spool(mbox_bytes(MESSAGES))
+    pop3_session(env)
+    pop3_session(env)
+    size = env.spool_path().stat().st_size
+    assert login_scanned(env) == [size, size]
+    assert "writable by others; no index" in env.log_text()
+    assert list(top.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ the property test
+
+_LINES = [
+    b"hello",
+    b"From inside a body",
+    b">From quoted",
+    b".",
+    b"..x",
+    b"",
+    b"cr\r",
+    b"Status: RO",
+    b"z" * 90,
+]
+
+
+@st.composite
+def _message(draw: st.DrawFn) -> bytes:
+    subject = b"Subject: %d\n" % draw(st.integers(0, 6))  # small: twins (UID -2) happen
+    body = draw(st.lists(st.sampled_from(_LINES), max_size=6))
+    return subject + b"\n" + b"".join(line + b"\n" for line in body)
+
+
+@contextmanager
+def as_account(env: Pop3Env):
+    """Act as the account the sessions run as (root: seteuid to it), so that the index the
+    in-process sessions use is the real sessions' own."""
+    if not IS_ROOT:
+        yield
+        return
+    os.setegid(env.account.pw_gid)
+    os.seteuid(env.account.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _give(path: Path, env: Pop3Env) -> None:
+    """A file the test (root) made or changed goes back to the account the sessions run as."""
+    if IS_ROOT and os.path.lexists(path):
+        os.lchown(path, env.account.pw_uid, env.account.pw_gid)
+
+
+class IndexMachine(RuleBasedStateMachine):
+    """Random MDA appends, pop3d updates (in-process and real sessions), a mail reader's
+    same-size rewrite with the mtime put back, a truncation and a new inode behind the locks'
+    back, and damage to the index file: after each step, a session answers what a full scan of
+    the spool answers (the invariant)."""
+
+    env: Pop3Env
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path = self.env.spool_path()
+        self.real_sessions = 0
+        self.stale: bytes | None = None
+
+    @property
+    def index_file(self) -> Path:
+        directory = self.env.base / "index" / str(self.env.account.pw_uid)
+        return Path(index.file_for(str(directory), "alice"))
+
+    def open(self) -> maildrop.Maildrop:
+        return maildrop.Maildrop.open(
+            str(self.path),
+            locks=("dotlock", "fcntl"),
+            lock_timeout=5,
+            log=lambda line: None,
+            index=str(self.index_file),
+        )
+
+    @initialize(mail=st.lists(_message(), min_size=1, max_size=6))
+    def begin(self, mail: list[bytes]) -> None:
+        directory = index.prepare(
+            str(self.env.base / "index"), self.env.account.pw_uid, self.env.account.pw_gid, print
+        )
+        assert directory is not None
+        with as_account(self.env):
+            self.index_file.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            self.path.write_bytes(mbox_bytes(mail))
+
+    def listing(self) -> mbox.Listing | None:
+        try:
+            return mbox.scan(self.path.read_bytes())
+        except mbox.MboxFormatError:
+            return None
+
+    @rule(mail=st.lists(_message(), min_size=1, max_size=3), sloppy=st.booleans())
+    def mda_appends(self, mail: list[bytes], sloppy: bool) -> None:
+        data = mbox_bytes(mail)
+        with as_account(self.env):
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            lock = MailboxLock(str(self.path), fd, ("dotlock", "fcntl"), 5.0)
+            try:
+                lock.acquire()
+                os.write(fd, data[:-1] if sloppy else data)  # sloppy: no final blank line
+            finally:
+                lock.release()
+                os.close(fd)
+
+    @rule(data=st.data())
+    def pop3d_update(self, data: st.DataObject) -> None:
+        with as_account(self.env):
+            try:
+                md = self.open()
+            except maildrop.MaildropFormatError:
+                return
+            with md:
+                deleted = data.draw(st.sets(st.integers(0, max(md.listing.count - 1, 0))))
+                md.commit(deleted & set(range(md.listing.count)))
+
+    @precondition(lambda self: self.real_sessions < 1)
+    @rule(data=st.data())
+    def real_session(self, data: st.DataObject) -> None:
+        listing = self.listing()
+        if listing is None or not self.path.exists():
+            return
+        self.real_sessions += 1
+        deleted = data.draw(st.sets(st.integers(0, max(listing.count - 1, 0))))
+        pop3_session(self.env, dele=tuple(sorted(deleted & set(range(listing.count)))))
+
+    @rule(data=st.data())
+    def reader_rewrites_in_place(self, data: st.DataObject) -> None:
+        """Octets move from one message to another: the From_ lines between them move, the
+        size stays, and the mtime is put back (a mail reader hiding its rewrite)."""
+        listing = self.listing()
+        if listing is None or listing.count < 2:
+            return
+        i, j = data.draw(st.permutations(range(listing.count)))[:2]
+        buf = self.path.read_bytes()
+
+        def before_last_lf(m: int) -> int:
+            end = listing.end(m)
+            return end - 1 if end > listing.start(m) and buf[end - 1] == 10 else end
+
+        grow, shrink = before_last_lf(i), before_last_lf(j)
+        k = min(data.draw(st.integers(1, 8)), shrink - listing.start(j))
+        if k <= 0:
+            return
+        edits = sorted([(grow, grow, b"X" * k), (shrink - k, shrink, b"")])
+        new, at = bytearray(), 0
+        for lo, hi, text in edits:
+            new += buf[at:lo] + text
+            at = hi
+        new += buf[at:]
+        with as_account(self.env):
+            st_before = os.stat(self.path)
+            fd = os.open(self.path, os.O_RDWR)
+            lock = MailboxLock(str(self.path), fd, ("dotlock", "fcntl"), 5.0)
+            try:
+                lock.acquire()
+                os.pwrite(fd, bytes(new), 0)
+            finally:
+                lock.release()
+                os.close(fd)
+            os.utime(self.path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+
+    @rule(data=st.data())
+    def truncation_ignoring_the_locks(self, data: st.DataObject) -> None:
+        if self.path.exists():
+            os.truncate(self.path, data.draw(st.integers(0, self.path.stat().st_size)))
+
+    @rule(same=st.sampled_from(["bytes", "size", "other"]), mail=st.lists(_message(), min_size=1, max_size=3))
+    def spool_replaced(self, same: str, mail: list[bytes]) -> None:
+        """A new inode at the spool's path: the same bytes, other bytes of the same size, or others."""
+        old = self.path.read_bytes() if self.path.exists() else b""
+        new = {"bytes": old, "size": old.replace(b"Subject: ", b"Subject; "), "other": mbox_bytes(mail)}[same]
+        with as_account(self.env):
+            temporary = self.path.with_name("replacement")
+            temporary.write_bytes(new)
+            os.rename(temporary, self.path)
+
+    @rule()
+    def index_kept_aside(self) -> None:
+        if self.index_file.exists():
+            self.stale = self.index_file.read_bytes()
+
+    @rule(
+        how=st.sampled_from(
+            ["stale", "deleted", "truncated", "flipped", "garbage", "symlink", "oversized", "foreign"]
+        )
+    )
+    def index_damaged(self, how: str) -> None:
+        target = self.index_file
+        if not target.exists() and how != "stale":
+            return
+        if how == "stale":
+            if self.stale is None:
+                return
+            target.unlink(missing_ok=True)
+            target.write_bytes(self.stale)
+        elif how == "deleted":
+            target.unlink()
+        elif how == "truncated":
+            os.truncate(target, target.stat().st_size // 2)
+        elif how == "flipped":
+            _flip(target)
+        elif how == "garbage":
+            target.write_bytes(os.urandom(300))
+        elif how == "symlink":
+            aside = target.with_name("aside")
+            os.rename(target, aside)
+            target.symlink_to(aside)
+            _give(aside, self.env)
+        elif how == "oversized":
+            _oversized(target)
+        if how != "foreign":
+            _give(target, self.env)
+        elif IS_ROOT:
+            os.chown(target, 0, 0)
+
+    @invariant()
+    def a_session_answers_what_a_full_scan_does(self) -> None:
+        want = expected(self.path)
+        with as_account(self.env):
+            try:
+                md = self.open()
+            except maildrop.MaildropFormatError:
+                assert want == "not an mbox"
+                return
+            with md:
+                assert served(md) == want
+
+
+IndexMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("POP3D_INDEX_EXAMPLES", "40")),
+    stateful_step_count=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_every_answer_is_a_full_scans_whatever_happens_to_the_spool_and_the_index(env: Pop3Env) -> None:
+    IndexMachine.env = env
+    run_state_machine_as_test(IndexMachine, settings=IndexMachine.TestCase.settings)
