@@ -189,6 +189,18 @@ def env() -> Iterator[Pop3Env]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def account_tool(*argv: str, stdin: str | None = None) -> None:
+    """Run an account tool (useradd...); retry while another process holds the passwd/shadow lock."""
+    for _ in range(50):
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        if proc.returncode == 0:
+            return
+        if "lock" not in proc.stderr.lower():
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+
+
 def wait_for(predicate, timeout: float = IO_TIMEOUT, interval: float = 0.02) -> bool:
     """Poll for a condition the test cannot be told about (a process exit, a file appearing)."""
     deadline = time.monotonic() + timeout

@@ -29,6 +29,7 @@ from conftest import (
     ROOT,
     Pop3Env,
     SocketPOP3,
+    account_tool,
     child_env,
     mbox_bytes,
     recv_until,
@@ -59,18 +60,6 @@ class Account:
         self.home = home
         self.uid = entry.pw_uid
         self.gid = entry.pw_gid
-
-
-def _run(*argv: str, stdin: str | None = None) -> None:
-    """Run an account tool; retry while another process holds the passwd/shadow lock."""
-    for _ in range(50):
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
-        if proc.returncode == 0:
-            return
-        if "lock" not in proc.stderr.lower():
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{' '.join(argv)}: {proc.stderr.strip()}")
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +100,10 @@ def account() -> Iterator[Account]:
     base = Path(tempfile.mkdtemp(prefix="pop3d-home-"))
     base.chmod(0o755)  # pytest's own temporary directories are mode 700: no way in for the account
     home = base / name
-    _run("useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", "-c", "pop3d test", name)
+    account_tool("useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", "-c", "pop3d test", name)
     try:
         password = f"Pw {secrets.token_hex(6)}!"
-        _run("chpasswd", "-c", "YESCRYPT", stdin=f"{name}:{password}\n")
+        account_tool("chpasswd", "-c", "YESCRYPT", stdin=f"{name}:{password}\n")
         with open("/etc/shadow") as f:
             assert any(line.startswith(f"{name}:$y$") for line in f), "not a yescrypt hash"
         yield Account(name, password, home)
@@ -239,18 +228,18 @@ def test_wrong_password_locked_expired_and_low_uid_look_the_same(sysenv: Pop3Env
     replies = {}
     replies["wrong password"], client = try_login(sysenv, account.name, account.password + "x")
     client.quit()
-    _run("usermod", "-L", account.name)
+    account_tool("usermod", "-L", account.name)
     replies["locked"], client = try_login(sysenv, account.name, account.password)
     client.quit()
-    _run("usermod", "-U", account.name)
-    _run("usermod", "-e", "1", account.name)  # the account expired on 1970-01-02
+    account_tool("usermod", "-U", account.name)
+    account_tool("usermod", "-e", "1", account.name)  # the account expired on 1970-01-02
     replies["expired"], client = try_login(sysenv, account.name, account.password)
     client.quit()
-    _run("usermod", "-e", "", account.name)
-    _run("chage", "-d", "0", account.name)  # right password, but the account phase says no
+    account_tool("usermod", "-e", "", account.name)
+    account_tool("chage", "-d", "0", account.name)  # right password, but the account phase says no
     replies["must change password"], client = try_login(sysenv, account.name, account.password)
     client.quit()
-    _run("chage", "-d", str(int(time.time() // 86400)), account.name)
+    account_tool("chage", "-d", str(int(time.time() // 86400)), account.name)
     sysenv.write_config(first_uid=account.uid + 1)
     replies["below first_uid"], client = try_login(sysenv, account.name, account.password)
     client.quit()
