@@ -1,5 +1,6 @@
 """The byte loops a session spends its CPU in: counting lines, finding From_ separators, the
-LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass).
+LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass), and taking the
+headers MUAs rewrite out of a header block before its UID digest (strip_volatile).
 
 Each is a bulk CPython bytes method below. When the optional C extension ``pop3d._speedups`` is
 built (``pip install`` builds it if a C compiler is there; without one, pop3d runs the same on
@@ -12,10 +13,14 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import mmap
+    from collections.abc import Callable
+    from re import Pattern
+    from typing import Any
 
     Buffer = bytes | bytearray | memoryview | mmap.mmap
 
-__all__ = ["ACCELERATED", "count_lf", "separators", "to_crlf", "to_wire"]
+# The byte loops with a C and a Python version (py_NAME), and the flag saying which are in use.
+__all__ = ["ACCELERATED", "count_lf", "separators", "strip_volatile", "to_crlf", "to_wire"]
 
 
 def py_count_lf(buf: bytes, start: int, end: int) -> int:
@@ -68,13 +73,65 @@ def py_to_wire(chunk: bytes, at_line_start: bool) -> bytes:
     return out
 
 
+def py_strip_volatile(block: bytes) -> bytes:
+    """`block` (a From_ line and header block) without the headers local MUAs add or rewrite:
+    each LF followed by Status, X-Status, X-Keywords, X-UID, X-IMAP, X-IMAPbase, Content-Length
+    or Lines (ASCII case ignored), blanks and a colon, up to the end of that line and of its
+    continuation lines (LF then a blank), is taken out; the LF that ends them stays."""
+    return _volatile_pattern().sub(b"", block)
+
+
+_volatile: list[Pattern[bytes]] = []  # compiled at the first call: `re` only when it is needed
+
+
+def _volatile_pattern() -> Pattern[bytes]:
+    if not _volatile:
+        import re
+
+        _volatile.append(
+            re.compile(
+                rb"\n(?=[SsXxCcLl])(?:status|x-status|x-keywords|x-uid|x-imap(?:base)?|content-length|lines)"
+                rb"[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*",
+                re.IGNORECASE,
+            )
+        )
+    return _volatile[0]
+
+
+def builtin_sha256() -> Callable[[bytes], Any]:
+    """CPython's own SHA-256 constructor: built into the interpreter, so importing it loads no
+    OpenSSL and reads no file (~0.05 ms; hashlib: ~2 ms of every session that imports it, and a
+    file the account may not be allowed to read after the privilege drop). Same digests;
+    OpenSSL's is ~5x faster per octet (SHA extensions), which only a big input repays."""
+    if not _sha256:
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found]  # CPython 3.12+
+        except ImportError:
+            try:
+                from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
+            except ImportError:  # pragma: no cover - an interpreter built without them
+                from hashlib import sha256
+        _sha256.append(sha256)
+    return _sha256[0]
+
+
+_sha256: list[Callable[[bytes], Any]] = []  # found once: a failed import is tried again each time
+
+
 count_lf = py_count_lf
 separators = py_separators
 to_crlf = py_to_crlf
 to_wire = py_to_wire
+strip_volatile = py_strip_volatile
 ACCELERATED = False
 try:
-    from pop3d._speedups import count_lf, separators, to_crlf, to_wire  # type: ignore[no-redef]
+    from pop3d._speedups import (  # type: ignore[no-redef]
+        count_lf,
+        separators,
+        strip_volatile,
+        to_crlf,
+        to_wire,
+    )
 
     ACCELERATED = True
 except ImportError:  # not built (no C compiler at install time): the Python versions serve

@@ -174,19 +174,19 @@ def _virtual_account(config: Config, name: str) -> auth.Account:
     return auth.Account(name, entry.pw_uid, entry.pw_gid, None)
 
 
-def preload() -> None:
+def preload(config: Config | None = None, every: bool = False) -> None:
     """Import now what the session needs after dropping root.
 
     The account may not be able to read the interpreter's or pop3d's files (a Python under
     /root, a mode-700 checkout), and a failed import mid-session would end it with an error.
     Waits for a `preload_behind` still running, then makes sure (an import failed there is
-    tried again here, and raises here).
+    tried again here, and raises here). `every`: also what only some sessions use (a listener
+    forks sessions of every kind, and imports once for all of them).
     """
     global _preloaded
     wait_preload()
     if not _preloaded:
-        _import_session_modules()
-        _warm_scanner()
+        _import_session_modules(_needs_re(config) or every, every)
         _preloaded = True
 
 
@@ -198,7 +198,7 @@ def wait_preload() -> None:
         waiting.acquire()
 
 
-def preload_behind() -> None:
+def preload_behind(config: Config) -> None:
     """Start `preload`'s imports in a thread: they then run while the main thread waits for the
     credentials and while the password hash runs in C (PAM and ctypes release the GIL), not
     after. `preload()` waits for it; call it before dropping root (`open_maildrop` does).
@@ -213,11 +213,11 @@ def preload_behind() -> None:
 
     done = _thread.allocate_lock()
     done.acquire()
+    needs_re = _needs_re(config)
 
     def work() -> None:
         try:
-            _import_session_modules()
-            _warm_scanner()
+            _import_session_modules(needs_re, False)
         except BaseException:
             pass  # preload() tries again in the main thread, where a failure is reported
         finally:
@@ -231,28 +231,35 @@ _preloading = None  # the lock a running preload_behind releases when done
 _preloaded = False  # preload() has run in this process (or in the listener that forked it)
 
 
-def _warm_scanner() -> None:
-    """Compile now the patterns the first scan would compile (~0.5 ms), if the scanner has them."""
-    from pop3d import mbox
+def _needs_re(config: Config | None) -> bool:
+    """Whether the scanner will need `re` (~3 ms to import): for mboxrd's quoted From lines, and
+    for the UID digests without the C accelerator."""
+    from pop3d import bulk
 
-    compile_patterns = getattr(mbox, "_regexes", None)
-    if compile_patterns is not None:
-        compile_patterns()
+    return config is None or config.mbox_format == "mboxrd" or not bulk.ACCELERATED
 
 
-def _import_session_modules() -> None:
+def _import_session_modules(needs_re: bool, every: bool) -> None:
+    """The modules the session needs after the drop. Not hashlib (OpenSSL, ~2 ms): the UID
+    digests of a small spool use CPython's built-in SHA-256, and a big spool's scan imports
+    hashlib then, or keeps to the built-in one if the account cannot (mbox._sha256_for)."""
     import array  # noqa: F401
     import binascii  # noqa: F401
     import fcntl  # noqa: F401
     import grp  # noqa: F401
-    import hashlib  # noqa: F401
     import mmap  # noqa: F401
     import pwd  # noqa: F401
-    import re  # noqa: F401
     import struct  # noqa: F401
     import zlib  # noqa: F401
 
-    from pop3d import index, locking, maildrop, mbox  # noqa: F401
+    from pop3d import bulk, index, locking, maildrop, mbox  # noqa: F401
+
+    bulk.builtin_sha256()
+    if needs_re:
+        mbox._regexes()  # compiled now (~0.5 ms), not at the first scan
+        bulk.strip_volatile(b"")  # the same, for the Python version's pattern
+    if every:
+        import hashlib  # noqa: F401
 
 
 def groups_for(config: Config, account: auth.Account, path: str) -> list[int]:
@@ -288,7 +295,7 @@ def _mail_group_needed(directory: str, uid: int) -> int | None:
 
 def _drop_privileges(config: Config, account: auth.Account, path: str) -> None:
     """As root, become the account for good before the maildrop is touched (docs/SECURITY.md)."""
-    preload()
+    preload(config)
     if os.geteuid() != 0:
         if os.geteuid() != account.uid:
             raise LoginRefused("cannot serve another account's maildrop without root")

@@ -50,6 +50,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from re import Pattern
+    from typing import Any
 
     Buffer = bytes | bytearray | mmap.mmap
 
@@ -312,13 +313,26 @@ def _regexes() -> tuple[Pattern[bytes], ...]:
             # ... inside a window: its LF and first ">" (sub(b"\n") unquotes). A lookahead, so
             # each LF and its run of ">" is tried once (linear), and a literal replacement.
             re.compile(rb"\n>(?=>*From )"),
-            re.compile(  # headers local MUAs add or rewrite, with continuation lines
-                rb"\n(?=[SsXxCcLl])(?:status|x-status|x-keywords|x-uid|x-imap(?:base)?|content-length|lines)"
-                rb"[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*",
-                re.IGNORECASE,
-            ),
         )
     return _regex_cache
+
+
+def _sha256_for(length: int) -> Callable[[bytes], Any]:
+    """The SHA-256 constructor for the UID digests of a spool of `length` octets.
+
+    CPython's built-in one below limits.MBOX_OPENSSL_SHA_MIN: importing hashlib (OpenSSL) costs
+    ~2 ms, more than hashing a small spool's headers takes either way. Above it, hashlib's, ~5x
+    faster per octet with SHA extensions; the built-in one if hashlib cannot be imported (an
+    interpreter the account may not read, after the privilege drop). The same digests.
+    """
+    if length >= limits.MBOX_OPENSSL_SHA_MIN:
+        try:
+            import hashlib
+
+            return hashlib.sha256
+        except ImportError:
+            pass
+    return bulk.builtin_sha256()
 
 
 def _releaser(buf: Buffer) -> Callable[[int, int], None] | None:
@@ -399,13 +413,11 @@ def _quoted_lines(chunk: bytes, a: int, b: int) -> list[int]:
 def _header_digest(buf: Buffer, q: int, s: int, n: int) -> bytes:
     """The digest record of the message whose From_ line is at q and content at s, in data
     ending at n: what `_scan_range`'s `begin` stores, found without its window shortcuts."""
-    import hashlib
-
     cap = max(limits.UID_HEADER_CAP, 1)
     hl = s + 2 * cap if s + 2 * cap < n else n
     blank = _blank_line(buf, s - 1, hl, max(limits.MBOX_SCAN_WINDOW, 4))
     block = buf[q : blank if blank >= 0 else hl]
-    return hashlib.sha256(_regexes()[2].sub(b"", block)[:cap]).digest()[:_DIGEST_STRIDE]
+    return _sha256_for(n)(bulk.strip_volatile(block)[:cap]).digest()[:_DIGEST_STRIDE]
 
 
 def same_message(buf: Buffer, listing: Listing, index: int) -> bool:
@@ -509,6 +521,7 @@ def resume(
         return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
     if start >= n or buf[start : start + 5] != b"From ":
         raise MboxFormatError("not an mbox spool: no From_ line at the start")
+    _sha256_for(n)  # hashlib, if it is to be, imported once: before the fork below, not in each half
     split = 0
     if n - start >= parallel_min > 0:
         # The second half starts at a From_ line after a blank line: a message boundary for sure.
@@ -640,13 +653,11 @@ def _typecodes(length: int) -> tuple[str, str]:
 
 def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     """Scan [start, n): start is a From_ line, n the end of the data or of a message's separator."""
-    import hashlib
-
     w = max(limits.MBOX_SCAN_WINDOW, 4)
     cap = max(limits.UID_HEADER_CAP, 1)
-    rx_start, _, rx_volatile = _regexes()
-    strip_volatile = rx_volatile.sub
-    sha256 = hashlib.sha256
+    rx_start = _regexes()[0] if rd else None
+    strip_volatile = bulk.strip_volatile
+    sha256 = _sha256_for(len(buf))
     count_lf, separators = bulk.count_lf, bulk.separators
     release = _releaser(buf)
     offset_code, size_code = _typecodes(len(buf))
@@ -679,7 +690,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
         else:  # the header runs past the window
             blank = _blank_line(buf, s - 1, hl, w)
             block = buf[q : blank if blank >= 0 else hl]
-        digests.extend(sha256(strip_volatile(b"", block)[:cap]).digest()[:_DIGEST_STRIDE])
+        digests.extend(sha256(strip_volatile(block)[:cap]).digest()[:_DIGEST_STRIDE])
 
     # The message being scanned: From_ line at q, content from s; counts over [q, here).
     s = _find_lf(buf, start, n, w, release) + 1 or n  # no LF at all: a lone empty message
@@ -712,7 +723,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
         if rd:
             if lined:
                 quotes = _quoted_lines(chunk, a, b)
-            elif lo and chunk[a - 1] == 10 and buf[lo] == 62 and rx_start.match(buf, lo):
+            elif lo and chunk[a - 1] == 10 and buf[lo] == 62 and rx_start.match(buf, lo):  # type: ignore[union-attr]
                 quoted += 1  # a line longer than the window: ask buf, the window may hold only ">"
         qi = 0
 
@@ -913,7 +924,7 @@ def _stream(
     to_crlf, to_wire = bulk.to_crlf, bulk.to_wire
     at_line_start = True
     if rd:
-        _, rx_sub, _ = _regexes()
+        _, rx_sub = _regexes()
     # Read windows leave room for LF -> CRLF growth, so one window is usually one chunk.
     r = chunk_size - (chunk_size >> 3)
     if r < 2:

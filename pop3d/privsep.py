@@ -212,7 +212,7 @@ class _Monitor:
             # What the session needs after the privilege drop loads in a thread, during the wait
             # and the hash; open_maildrop waits for it before the drop. Started while the stop
             # signals are blocked, so that they go to this (the main) thread.
-            login.preload_behind()
+            login.preload_behind(self.config)
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if self.proxied and not self._admit():

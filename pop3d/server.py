@@ -130,7 +130,7 @@ def warm_up(config: Config) -> None:
     """
     from pop3d import auth, dispatch, login, privsep, proxied  # noqa: F401
 
-    login.preload()
+    login.preload(config, every=True)
     try:
         auth.preload_pam()
         if config.auth == "system":

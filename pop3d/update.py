@@ -330,9 +330,10 @@ class _Journal:
 
     def pack_header(self) -> bytes:
         import array
-        import hashlib
         import struct
         import sys
+
+        from pop3d.bulk import builtin_sha256
 
         head = struct.pack(
             _JOURNAL_HEADER, _JOURNAL_MAGIC, self.ino, self.P, self.N, self.S, self.J, self.m,
@@ -342,7 +343,7 @@ class _Journal:
         if sys.byteorder != "little":
             flat.byteswap()
         body = head + flat.tobytes()
-        return body + hashlib.sha256(body).digest()
+        return body + builtin_sha256()(body).digest()
 
     @staticmethod
     def header_length(extents: int) -> int:
@@ -354,9 +355,10 @@ class _Journal:
     def read(cls, jfd: int) -> _Journal:
         """Parse and check a journal; _UnusableJournalError if it is not a whole, sane one."""
         import array
-        import hashlib
         import struct
         import sys
+
+        from pop3d.bulk import builtin_sha256
 
         size = os.fstat(jfd).st_size
         fixed = struct.calcsize(_JOURNAL_HEADER)
@@ -369,7 +371,7 @@ class _Journal:
         if count > size // 16:
             raise _UnusableJournalError("corrupt header (extent count)")
         raw = os.pread(jfd, 16 * count + 32, fixed)
-        if len(raw) != 16 * count + 32 or hashlib.sha256(head + raw[:-32]).digest() != raw[-32:]:
+        if len(raw) != 16 * count + 32 or builtin_sha256()(head + raw[:-32]).digest() != raw[-32:]:
             raise _UnusableJournalError("corrupt header (checksum)")
         flat = array.array("Q")
         flat.frombytes(raw[:-32])

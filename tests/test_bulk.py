@@ -124,3 +124,53 @@ def test_transforms_take_only_bytes(tmp_path):
         chunk = shared[:]
     assert _speedups.to_crlf(chunk) == bulk.py_to_crlf(chunk) == b"a\r\n.b\r\n" * 100
     assert _speedups.to_wire(chunk, True) == b"a\r\n..b\r\n" * 100
+
+
+# Header blocks: the names the UID digest leaves out, in any case, near misses, blanks, colons,
+# continuation lines, and LFs/CRs anywhere.
+header_pieces = st.sampled_from(
+    [
+        b"\n",
+        b"\r\n",
+        b" ",
+        b"\t",
+        b":",
+        b"x",
+        b"From a@b Mon\n",
+        b"Subject: s",
+        *(
+            name
+            for word in (b"status", b"x-status", b"x-keywords", b"x-uid", b"x-imap", b"x-imapbase")
+            for name in (word, word.upper(), word.title(), word[:-1], word + b"l")
+        ),
+        b"Content-Length",
+        b"content-LENGTH",
+        b"Lines",
+        b"LINE",
+        b"\nStatus: RO\n",
+        b"\nX-UID: 1\n\tmore\n x\n",
+    ]
+)
+header_blocks = st.one_of(st.lists(header_pieces, max_size=40).map(b"".join), st.binary(max_size=200))
+
+
+@needs_c
+@settings(max_examples=3000, deadline=None)
+@given(block=header_blocks)
+def test_strip_volatile_agrees(block):
+    assert _speedups.strip_volatile(block) == bulk.py_strip_volatile(block)
+
+
+def test_strip_volatile_takes_out_exactly_the_rewritten_headers():
+    """Each name, any case, blanks before the colon, continuation lines; the LF that ends them
+    stays; a longer name (X-UIDL), a name without its colon, and the first line stay."""
+    block = (
+        b"From a@b Mon Jan  1 00:00:00 2024\nstatus: RO\nSubject: s\nX-UID  :\t7\n  folded\n\tagain\n"
+        b"X-UIDL: k\nLINES: 3\nx-imapbase: 1 2\nX-IMAP: 9\nContent-Length: 12\nX-Keywords:\n"
+        b"X-Status: A\nLines 3\nTo: t\n"
+    )
+    kept = b"From a@b Mon Jan  1 00:00:00 2024\nSubject: s\nX-UIDL: k\nLines 3\nTo: t\n"
+    assert bulk.py_strip_volatile(block) == kept
+    if _speedups is not None:
+        assert _speedups.strip_volatile(block) == kept
+        assert _speedups.strip_volatile(kept) is kept  # nothing to take out: no copy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import sys
 import tracemalloc
 from array import array
 from collections.abc import Iterator
@@ -490,6 +491,25 @@ def test_uid_scheme_is_fixed():
     assert uids(crlf) == [expected(b"From a\r\nA: 1\r\n")]
     assert uids(b"From a\n\nSubject: body\n") == [expected(b"From a\n")]
     assert uids(b"From a") == [expected(b"From a")]
+
+
+@pytest.mark.parametrize("hashlib_importable", [True, False])
+def test_uids_are_the_same_whichever_sha256_hashes_them(monkeypatch, hashlib_importable):
+    """A small spool's UID digests come from CPython's built-in SHA-256 (no OpenSSL to load), a
+    big one's from hashlib's, or from the built-in one when the account cannot import hashlib:
+    the same UIDs in every case, pinned by the scheme."""
+    import hashlib
+
+    one = b"From a@b Thu Nov 26 10:00:00 2026\nSubject: s\nStatus: RO\n\nbody\n\n"
+    want = hashlib.sha256(b"From a@b Thu Nov 26 10:00:00 2026\nSubject: s\n").hexdigest()[:24].encode()
+    if not hashlib_importable:
+        monkeypatch.setitem(sys.modules, "hashlib", None)  # `import hashlib` raises ImportError
+    small = one * 3
+    big = one * (limits.MBOX_OPENSSL_SHA_MIN // len(one) + 1)
+    assert len(big) >= limits.MBOX_OPENSSL_SHA_MIN > len(small)
+    for data in (small, big):
+        got = mbox.scan(data).uids(0, 3)
+        assert got == [want, want + b"-2", want + b"-3"]
 
 
 def test_uid_changes_with_real_headers():

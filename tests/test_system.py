@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -206,6 +207,56 @@ def test_pam_login_runs_as_the_account_and_logs(sysenv: Pop3Env, account: Accoun
         log,
     ), log
     assert account.password not in log
+
+
+@pytest.mark.parametrize(
+    ("mbox_format", "big", "allowed"),
+    [
+        ("mboxo", False, set()),
+        ("mboxrd", False, set()),
+        # A spool of 1 MiB or more imports hashlib (OpenSSL) for its UID digests after the drop,
+        # or hashes with the built-in SHA-256 if it cannot (test_mbox checks that path).
+        ("mboxo", True, {"hashlib", "_hashlib", "_blake2"}),
+    ],
+)
+def test_nothing_is_imported_after_the_privilege_drop(
+    sysenv: Pop3Env, account: Account, tmp_path: Path, mbox_format: str, big: bool, allowed: set[str]
+) -> None:
+    """The account may not be allowed to read the interpreter's or pop3d's files (a Python under
+    /root, a mode-700 checkout): whatever a session uses after the drop (scan, UIDL, RETR, TOP,
+    the update at QUIT) is imported before it (login.preload), in the confined child too."""
+    sysenv.write_config(mbox_format=mbox_format)
+    messages = sample_messages()
+    if big:
+        messages = messages * (1 + (1 << 20) // len(mbox_bytes(messages)))
+    write_spool(sysenv, account, mbox_bytes(messages))
+    imports = tmp_path / "imports"
+    wrapper = (
+        "import os, sys\n"
+        f"fd = os.open({str(imports)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)\n"
+        "def hook(event, args):\n"
+        "    if event == 'import' and os.geteuid() != 0:\n"
+        "        os.write(fd, args[0].encode() + b'\\n')\n"
+        "sys.addaudithook(hook)\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pop3d.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    sock, proc = sysenv.spawn([sys.executable, "-c", wrapper, "-c", str(sysenv.conf)])
+    client = SocketPOP3(sock)
+    client.user(account.name)
+    assert client.pass_(account.password).startswith(b"+OK")
+    assert len(client.uidl()[1]) == len(messages)
+    _, lines, _ = client.retr(2)
+    if mbox_format == "mboxo":  # (mboxrd unquotes its >From lines)
+        assert b"".join(line + b"\r\n" for line in lines) == wire_form(messages[1])
+    client.top(1, 0)
+    client.dele(1)
+    assert client.quit().startswith(b"+OK")
+    assert proc.wait(timeout=60) == 0
+    loaded = set(imports.read_text().split()) if imports.exists() else set()
+    assert loaded <= allowed, loaded
+    assert f"del=1/{len(messages)}" in sysenv.log_text()
 
 
 def test_home_directory_template_and_no_extra_group(sysenv: Pop3Env, account: Account) -> None:
