@@ -59,6 +59,10 @@ QUICK_ROWS = [
             "DELE all + QUIT",
             "DELE 1 + QUIT",
             "DELE 1 + QUIT, disk floor",
+            "poll, index off",
+            "poll, first (no index yet)",
+            "poll, unchanged spool",
+            "poll after one delivery",
         )
     ),
     "2000 tiny messages: login+STAT",

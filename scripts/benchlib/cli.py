@@ -34,6 +34,11 @@ def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
     for peer in servers.PEERS:
         peer.add_argument(p)
     p.add_argument("--no-peers", action="store_true", help="measure pop3d and the floor only")
+    p.add_argument(
+        "--phases",
+        default="",
+        help=f"run only these measurements, comma-separated (of {', '.join(phases.NAMES)}; default all)",
+    )
     p.add_argument("--sizes", default="256", help="spool sizes in MiB, comma-separated (default 256)")
     p.add_argument("--tiny", type=int, default=100_000, help="messages in the tiny-message spool (0: skip)")
     p.add_argument(
@@ -91,6 +96,10 @@ def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--workloads: unknown {', '.join(sorted(unknown))} (known: {', '.join(WORKLOADS)})")
         if args.quick:
             args.duration, args.poll_mib = 1.0, 2
+    args.phases = [name for name in args.phases.split(",") if name]
+    unknown_phases = set(args.phases) - set(phases.NAMES)
+    if unknown_phases:
+        p.error(f"--phases: unknown {', '.join(sorted(unknown_phases))} (known: {', '.join(phases.NAMES)})")
     sizes = args.sizes
     try:  # checked before anything starts; a list of MiB from here on
         args.sizes = [float(x) for x in sizes.split(",") if x]

@@ -35,6 +35,10 @@ class Context:
     def by_name(self) -> dict[str, Server]:
         return {s.name: s for s in self.servers}
 
+    def servers_named(self, name: str) -> list[Server]:
+        """The started server of that name, as a list (empty if it did not start)."""
+        return [s for s in self.servers if s.name == name]
+
     def spool(self, mib: float, seed_offset: int = 0, tiny: int = 0) -> Spool:
         """The generated spool of this size (or of `tiny` messages), from the cache if it is there."""
         return load_or_generate(self.workdir, mib, self.args.seed + seed_offset, tiny)

@@ -46,18 +46,24 @@ def short_session(
 def poll_session(server: Server, spool: Spool, user: str | None = None) -> float:
     """A client's poll: login, UIDL, QUIT; connect to QUIT's reply. Every message numbered once,
     the UIDs unique."""
+    return poll_uids(server, spool, user)[0]
+
+
+def poll_uids(server: Server, spool: Spool, user: str | None = None) -> tuple[float, list[bytes]]:
+    """poll_session, and the UIDs the server listed (to compare polls with each other)."""
     t0 = time.perf_counter()
     c = Pop3Client(server.port)
     c.login(user or server.user, server.password)
-    check_uids(check_listing("UIDL", c.multi(b"UIDL"), spool))
+    uids = check_listing("UIDL", c.multi(b"UIDL"), spool)
     c.send(b"QUIT\r\n")
     reply = c.line()
     dt = time.perf_counter() - t0
     c.drain_eof()
     c.close()
+    check_uids(uids)
     if not reply.startswith(b"+OK"):
         raise VerifyError(f"QUIT: {reply!r}")
-    return dt
+    return dt, uids
 
 
 def read_session(server: Server, spool: Spool, retr: bool = True) -> dict[str, float]:

@@ -161,6 +161,55 @@ def load_or_generate(workdir: Path, mib: float, seed: int, tiny: int = 0) -> Spo
     return spool
 
 
+def deliver(spool: Spool, dest: Path, number: int) -> Spool:
+    """An MDA delivers one message to the copy at `dest`, as procmail does: the dotlock (made with
+    link(2)), then the fcntl lock, append, release. Returns the spool the server must now show.
+
+    The mtime is then put 5 s back, as `place_spool` does: a poll comes a while after a delivery
+    (popa3d sleeps a second when the spool changed in the current second). Servers that trust
+    the mtime alone miss nothing: the size changed, and so did the ctime.
+    """
+    import fcntl
+
+    content = (
+        b"Return-Path: <mda@example.org>\nMessage-ID: <delivery-%d.%d@example.org>\n"
+        b"From: MDA <mda@example.org>\nSubject: delivery %d\n\nA new message.\n"
+        % (number, time.time_ns(), number)
+    )
+    record = b"From mda@example.org Thu Nov 26 10:00:00 2026\n" + content + b"\n"
+    lock = Path(str(dest) + ".lock")
+    unique = dest.with_name(f".{dest.name}.lk{os.getpid()}")
+    unique.write_text(f"{os.getpid()}\n")
+    try:
+        while True:
+            try:
+                os.link(unique, lock)
+                break
+            except FileExistsError:
+                time.sleep(0.01)
+    finally:
+        unique.unlink()
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_APPEND)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            os.write(fd, record)
+        finally:
+            os.close(fd)
+    finally:
+        lock.unlink()
+    past = time.time() - 5
+    os.utime(dest, (past, past))
+    wire = content.replace(b"\n", b"\r\n")
+    return Spool(
+        dest,
+        [*spool.sizes, len(wire)],
+        [*spool.crcs, zlib.crc32(wire)],
+        [*spool.offsets[:-1], size, size + len(record)],
+    )
+
+
 def place_spool(spool: Spool, dest: Path, owner: pwd.struct_passwd | None) -> None:
     """A fresh copy of the spool (page cache warm: it was just written), owned by the account."""
     tmp = dest.with_name(dest.name + ".bench-tmp")

@@ -25,6 +25,9 @@ TARGETS = {
     "DELE 1 + QUIT": ("popa3d", "≤ 2.5x popa3d", 2.5, "le"),
     "DELE 1 + QUIT, disk floor": ("floor", "≤ 1.25x the disk's floor (dd)", 1.25, "le"),
     "stock poplib": ("dovecot", "≥ 1.0x Dovecot", 1.0, "ge"),
+    "poll, first (no index yet)": ("popa3d", "≤ pop3d's poll, index off", None, ""),
+    "poll, unchanged spool": ("popa3d", "≤ 0.35x popa3d at 256 MiB", 0.35, "le"),
+    "poll after one delivery": ("popa3d", "≤ 0.35x popa3d at 256 MiB", 0.35, "le"),
     "sessions/s": ("popa3d", "inetd ≥ 0.7x, --listen ≥ 1.0x popa3d", 0.7, "ge"),
 }
 

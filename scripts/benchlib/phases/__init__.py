@@ -16,6 +16,7 @@ from benchlib.phases import (
     concurrency,
     greeting,
     pam_sessions,
+    polling,
     schemes,
     short_sessions,
     spool_sizes,
@@ -31,13 +32,20 @@ DEFAULT: tuple[Phase, ...] = (
     schemes.run,  # the same per password scheme (pop3d)
     pam_sessions.run,  # the same through PAM, beside popa3d
     spool_sizes.run,  # read sessions and updates per --sizes
+    polling.run,  # polls per --sizes: first, unchanged, after a delivery (pop3d with its index)
     tiny.run,  # many tiny messages
     stock_poplib.run,  # RETR all with stock poplib
 )
+
+
+# --phases NAME,...: a phase's name is its module's.
+NAMES = tuple(phase.__module__.rpartition(".")[2] for phase in DEFAULT)
 
 
 def plan(args: argparse.Namespace) -> tuple[Phase, ...]:
     """The phases to run for this command line."""
     if args.concurrency:
         return (concurrency.run,)  # C clients at once: throughput, latency, CPU and memory per session
+    if args.phases:
+        return tuple(phase for phase in DEFAULT if phase.__module__.rpartition(".")[2] in args.phases)
     return DEFAULT

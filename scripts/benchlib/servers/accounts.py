@@ -41,6 +41,20 @@ def set_system_password(names: list[str] | None = None) -> None:
         subprocess.run(["chpasswd"], input=lines, check=True)
 
 
+def system_password_hash(name: str = USER) -> str | None:
+    """The account's password hash from /etc/shadow (root only), e.g. to give another server
+    the very hash popa3d checks through PAM; None if it cannot be read."""
+    try:
+        with open("/etc/shadow") as f:
+            for line in f:
+                fields = line.split(":")
+                if fields[0] == name and fields[1][:1] == "$":
+                    return fields[1]
+    except OSError:
+        pass
+    return None
+
+
 def client_users(count: int) -> list[str]:
     """One account name per concurrent client (pop3bench, pop3bench2, ...): concurrent sessions
     of one account would wait for each other's maildrop lock, which no real host's users do."""
