@@ -142,7 +142,7 @@ def load(path: str, log: Callable[[str], None]) -> Record | None:
         os.close(fd)
     try:
         return _parse(data)
-    except (ValueError, struct.error, UnicodeError) as e:
+    except Exception as e:  # whatever the bytes are, the session goes on with a scan
         log(f"index {path}: {e}; ignored")
         return None
 

@@ -766,8 +766,8 @@ def _indexed_scan(
     if record is not None:
         try:
             proved = _proved(record, kind, path, st, buf, fmt, index_file, log)
-        except (ValueError, mbox.MboxFormatError) as e:
-            log(f"index {index_file}: {e}; scanning the whole spool")
+        except Exception as e:  # a record that does not fit the spool (crafted, or a bug): scan
+            log(f"index {index_file}: {e!r}; scanning the whole spool")
     if proved is None:
         listing, start = mbox.scan(buf, fmt), 0
     else:
