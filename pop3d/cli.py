@@ -20,7 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     inetd_mode = not any(a == "--listen" or a.startswith("--listen=") for a in args)
     inetd_mode = inetd_mode and not _systemd_listening()
+    # inetd `wait` (xinetd `wait = yes`): fd 0 is the service's listening socket, not a client.
+    inetd_wait = inetd_mode and _listening_on_stdin()
     stderr_is_client = inetd_mode and _stderr_is_the_client()
+    inetd_mode = inetd_mode and not inetd_wait
     if stderr_is_client:
         # inetd hands the socket over as fd 0, 1 *and* 2: nothing meant for stderr may reach the
         # client (a traceback on the wire would leak paths and code).
@@ -53,14 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # inetd mode: the greeting is all the client waits for, so it leaves before the session's
     # modules are even imported (not with implicit TLS: the handshake comes first; not when a
     # proxy may be at the other end: its PROXY header comes first).
-    greeted = not conf.listen and conf.tls != "implicit" and not conf.proxy_from and _greet()
+    greeted = inetd_mode and conf.tls != "implicit" and not conf.proxy_from and _greet()
     from pop3d import log
 
     log.setup(str(conf.log))
     if not inetd_mode:
         from pop3d import server
 
-        return server.run(conf, args)
+        return server.run(conf, args, inetd_wait=inetd_wait)
     from pop3d import dispatch
 
     return _exit_now(dispatch.serve(conf, greeting_sent=greeted), log)
@@ -109,6 +112,25 @@ def _systemd_listening() -> bool:
     except OSError:
         return True
     return (listening.st_dev, listening.st_ino) != (connection.st_dev, connection.st_ino)
+
+
+def _listening_on_stdin() -> bool:
+    """True when fd 0 is a listening socket: inetd's `stream ... wait` and xinetd's `wait = yes`
+    hand the server the service's socket, to accept connections on until it exits."""
+    try:
+        from _socket import SO_ACCEPTCONN, SOL_SOCKET, socket
+    except ImportError:  # pragma: no cover - a build without sockets
+        return False
+    try:
+        sock = socket(fileno=0)
+    except OSError:
+        return False  # not a socket (a pipe, a terminal): not inetd's `wait`
+    try:
+        return bool(sock.getsockopt(SOL_SOCKET, SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def _report_config_error(message: str, to_syslog: bool) -> None:

@@ -177,6 +177,10 @@ KEYS: dict[str, tuple[object, Callable[[str, str], object]]] = {
     # IPv6 clients are counted per /64: a site gets a /64 (RFC 6177) and picks its addresses in it
     # at will (RFC 8981 privacy addresses), so a count per address would not bound anyone.
     "max_sessions_per_ip_v6_prefix": (64, _number(1, 128, int)),
+    # inetd `wait` mode only: the listener inetd started exits after this many seconds without a
+    # session (0: never), so that a new configuration, or an inetd restarted and wanting its
+    # port back, waits at most that long; the next connection starts it again (~50 ms).
+    "idle_exit": (limits.DEFAULT_IDLE_EXIT, _number(0, 86400)),
     # TLS (issue 5). None = decided in _check from the other keys.
     "tls": (None, _choice("none", "starttls", "implicit")),
     "tls_cert": ("", _path),

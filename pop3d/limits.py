@@ -103,3 +103,8 @@ INDEX_CHECK_BEFORE = 64 * 1024
 # index: longest wait, after pop3d's own update, for the clock to pass the spool's new ctime so
 # that the fresh index can be trusted (one kernel tick, 4 ms at HZ=250; more: no index written).
 INDEX_SETTLE_WAIT = 0.02
+# inetd `wait` mode: seconds without a session before the listener inetd started exits
+# (config key idle_exit); inetd starts another at the next connection.
+DEFAULT_IDLE_EXIT = 300.0
+# inetd `wait` mode: how often (seconds) the listener looks whether inetd, its parent, is gone.
+INETD_PARENT_CHECK = 5.0

@@ -18,8 +18,9 @@ import os
 import select
 import signal
 import socket
+import time
 
-from pop3d import log, protocol
+from pop3d import limits, log, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -151,10 +152,16 @@ def _describe(sock: socket.socket) -> str:
 class Server:
     """The accept loop and the set of running session processes."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket], argv: Sequence[str] = ()) -> None:
+    def __init__(
+        self, config: Config, sockets: list[socket.socket], argv: Sequence[str] = (), inetd_parent: int = 0
+    ) -> None:
         self.config = config
         self.sockets = sockets
         self.argv = list(argv)
+        # inetd `wait` mode: the pid of the inetd that started us (0 otherwise), and since when
+        # no session has run (see _inetd_done).
+        self.inetd_parent = inetd_parent
+        self.idle_since = time.monotonic()
         # pid -> client address; None for a session from a proxy until it reports its client.
         self.children: dict[int, str | None] = {}
         # The listener's ends of the report socket pairs of sessions from a proxy -> their pid.
@@ -198,7 +205,10 @@ class Server:
                 self.reap()
                 if self.reload_requested:
                     self.reload()
-                ready, _, _ = select.select([*self.sockets, wake_r, *self.reports], [], [], 60.0)
+                if self.inetd_parent and self._inetd_done():
+                    break
+                timeout = self._inetd_timeout() if self.inetd_parent else 60.0
+                ready, _, _ = select.select([*self.sockets, wake_r, *self.reports], [], [], timeout)
                 for sock in ready:
                     if sock == wake_r:
                         with contextlib.suppress(BlockingIOError):
@@ -214,6 +224,41 @@ class Server:
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _inetd_done(self) -> bool:
+        """inetd `wait` mode: True when the socket goes back to inetd, and this process ends.
+
+        After `idle_exit` seconds without a session (inetd starts pop3d again at the next
+        connection, with the configuration of then). When inetd itself has gone (we were
+        reparented), no new connection is accepted and the running sessions end on their own:
+        a new inetd wants its port back.
+        """
+        if os.getppid() != self.inetd_parent:
+            if self.sockets:
+                log.info(
+                    "inetd has exited: accepting no more connections; exiting after the running sessions"
+                )
+                for sock in self.sockets:
+                    sock.close()
+                self.sockets = []
+            return not self.children and not self.reports
+        now = time.monotonic()
+        if self.children or self.reports:
+            self.idle_since = now
+            return False
+        idle = float(self.config.idle_exit)  # type: ignore[arg-type]
+        if idle and now - self.idle_since >= idle:
+            log.info(f"no session for {idle:g} s: exiting (inetd starts pop3d at the next connection)")
+            return True
+        return False
+
+    def _inetd_timeout(self) -> float:
+        """How long the loop may wait: until the next look at inetd, or the idle exit if sooner."""
+        timeout = limits.INETD_PARENT_CHECK
+        idle = float(self.config.idle_exit)  # type: ignore[arg-type]
+        if idle and not self.children and not self.reports:
+            timeout = min(timeout, max(0.0, self.idle_since + idle - time.monotonic()) + 0.01)
+        return timeout
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; sessions started from now on use it."""
@@ -522,8 +567,29 @@ def announce(message: str) -> None:
     _ready_fd = None
 
 
-def run(config: Config, argv: Sequence[str] = ()) -> int:
-    """Run the standalone server until SIGTERM/SIGINT; the exit status."""
+def inetd_socket() -> socket.socket:
+    """inetd `wait` mode: the listening socket inetd passed as fd 0 (and 1 and 2), moved to a
+    descriptor of its own; 0, 1 and 2 then read and write /dev/null. So no session process,
+    which runs as a user, holds the service's socket, and nothing written to stdout or stderr
+    goes to it."""
+    fd = os.dup(0)  # not inheritable; the sessions' child side closes it too (accept)
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
+def run(config: Config, argv: Sequence[str] = (), inetd_wait: bool = False) -> int:
+    """Run the standalone server until SIGTERM/SIGINT; the exit status.
+
+    `inetd_wait`: inetd (`stream ... wait`) or xinetd (`wait = yes`) started us with the
+    service's listening socket as fd 0: serve it like a systemd socket, until `idle_exit`
+    seconds pass without a session or inetd goes away.
+    """
     import sys
 
     pidfile = getattr(config, "pidfile", None)
@@ -532,6 +598,8 @@ def run(config: Config, argv: Sequence[str] = ()) -> int:
             pidfile = os.path.abspath(str(pidfile))
             check_pidfile(pidfile)
         sockets = systemd_sockets()
+        if inetd_wait:
+            sockets.append(inetd_socket())
         sockets += [bind(text) for text in config.listen]  # type: ignore[attr-defined]
     except (ListenError, PidFileError) as e:
         sys.stderr.write(f"pop3d: {e}\n")
@@ -560,7 +628,7 @@ def run(config: Config, argv: Sequence[str] = ()) -> int:
         return EX_OSERR
     announce("ready\n")
     try:
-        Server(config, sockets, argv).serve_forever()
+        Server(config, sockets, argv, os.getppid() if inetd_wait else 0).serve_forever()
     finally:
         if pidfile:
             remove_pidfile(pidfile)

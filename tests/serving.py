@@ -146,26 +146,34 @@ def launch(
 # ------------------------------------------------------------------------------ shipped files
 
 
-def shipped_inetd_line(service: str) -> list[str]:
-    """The seven fields of the shipped inetd.conf line for `pop3` or `pop3s`."""
+def shipped_inetd_line(service: str, commented: bool = False) -> list[str]:
+    """The seven fields of the shipped inetd.conf line for `pop3` or `pop3s` (`commented`: of the
+    line shipped commented out, the `wait` variant)."""
     for line in (ROOT / "inetd" / "pop3d.conf").read_text().splitlines():
+        if commented:
+            if not line.startswith("#" + service + "\t"):
+                continue
+            line = line[1:]
         fields = line.split(None, 6)
         if fields and fields[0] == service:
             return fields
     raise AssertionError(f"inetd/pop3d.conf has no {service} line")
 
 
-def inetd_conf_line(service: str, port: int, launcher: Path, conf: Path) -> str:
+def inetd_conf_line(service: str, port: int, launcher: Path, conf: Path, commented: bool = False) -> str:
     """The shipped line with a loopback port, the test launcher and the test configuration."""
-    _, socktype, proto, wait, user, program, args = shipped_inetd_line(service)
+    _, socktype, proto, wait, user, program, args = shipped_inetd_line(service, commented)
     assert program == SHIPPED_BINARY and SHIPPED_CONFIG in args, args
     args = args.replace(SHIPPED_CONFIG, str(conf))
     return f"127.0.0.1:{port}\t{socktype}\t{proto}\t{wait}\t{user}\t{launcher}\t{args}\n"
 
 
-def xinetd_service(name: str, port: int, launcher: Path, conf: Path, log: Path) -> str:
+def xinetd_service(
+    name: str, port: int, launcher: Path, conf: Path, log: Path, changed: dict[str, str] | None = None
+) -> str:
     """The shipped xinetd service file, bound to 127.0.0.1:port (IPv4 only: no flags = IPv6),
-    logging to a file; every limit and log_on_* setting as shipped."""
+    logging to a file; every limit and log_on_* setting as shipped, but those `changed` (the
+    alternatives its comments describe)."""
     text = (ROOT / "xinetd" / name).read_text()
     out = []
     for line in text.splitlines():
@@ -186,6 +194,8 @@ def xinetd_service(name: str, port: int, launcher: Path, conf: Path, log: Path) 
             value = f"FILE {log}"
         elif key == "flags":
             continue
+        elif changed and key in changed:
+            value = changed[key]
         out.append(f"\t{key} = {value.strip()}")
     return "defaults\n{\n}\n\n" + "\n".join(out) + "\n"
 
@@ -340,3 +350,26 @@ def pop3d_processes(marker: str) -> list[int]:
         if marker.encode() in cmdline and state != b"Z":
             found.append(int(entry))
     return found
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the IPv4 socket listening on 127.0.0.1:port (/proc/net/tcp, state 0A)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+            return fields[9]
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def holds_no_listening_socket(port: int) -> Callable[[int], None]:
+    """A check for a session process: its fds 0, 1 and 2 are /dev/null and none of its
+    descriptors is the service's listening socket (the session runs as a user)."""
+    inode = listening_inode(port)
+
+    def check(pid: int) -> None:
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert f"socket:[{inode}]" not in held, held
+
+    return check

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import poplib
 import pwd
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -28,10 +30,12 @@ from conftest import (
     wire_form,
 )
 from serving import (
+    Launched,
     capability_mask,
     curl_round,
     greets,
     greets_over_tls,
+    holds_no_listening_socket,
     inetd_conf_line,
     launch,
     poplib_round,
@@ -126,12 +130,18 @@ def runs_as_mail_account(pid: int) -> None:
     assert status["Uid"].split() == [uid] * 4
 
 
-def start_inetd(env: Pop3Env, service: str = "pop3", program_prefix: list[str] | None = None, probe=greets):
+def start_inetd(
+    env: Pop3Env,
+    service: str = "pop3",
+    program_prefix: list[str] | None = None,
+    probe=greets,
+    commented: bool = False,
+):
     launcher = write_launcher(env.base)
     conf = env.base / "inetd.conf"
 
     def command(port: int) -> list[str]:
-        line = inetd_conf_line(service, port, launcher, env.conf)
+        line = inetd_conf_line(service, port, launcher, env.conf, commented)
         if program_prefix:
             # The tcp-wrappers form: tcpd in the program field, pop3d's path as its argv[0].
             fields = line.split("\t")
@@ -173,12 +183,13 @@ def test_openbsd_inetd_through_tcpd(env: Pop3Env) -> None:
         served.stop()
 
 
-def start_xinetd(env: Pop3Env, service: str = "pop3d", probe=greets):
+def start_xinetd(env: Pop3Env, service: str = "pop3d", probe=greets, changed: dict[str, str] | None = None):
     launcher = write_launcher(env.base)
     conf = env.base / "xinetd.conf"
 
     def command(port: int) -> list[str]:
-        conf.write_text(xinetd_service(service, port, launcher, env.conf, env.base / "xinetd-service.log"))
+        log = env.base / "xinetd-service.log"
+        conf.write_text(xinetd_service(service, port, launcher, env.conf, log, changed))
         return [
             XINETD, "-dontfork", "-f", str(conf),
             "-pidfile", str(env.base / "xinetd.pid"),
@@ -203,6 +214,69 @@ def test_xinetd_with_the_shipped_service(env: Pop3Env) -> None:
     service_log = (env.base / "xinetd-service.log").read_text()
     assert "START: pop3 pid=" in service_log
     assert "from=127.0.0.1" in service_log
+
+
+def listeners(env: Pop3Env) -> list[int]:
+    """The pids of the pop3d listeners that logged, in order."""
+    return [int(pid) for pid in re.findall(r"pop3d\[(\d+)\]: listening on ", env.log_text())]
+
+
+def one_listener_serves_every_connection(env: Pop3Env, served: Launched) -> None:
+    """`wait` mode: the pop3d the launcher started accepts every connection and forks each
+    session, which holds neither the listening socket nor anything but /dev/null on 0, 1 and 2;
+    after idle_exit seconds without a session it exits, and the launcher starts another at the
+    next connection; when the launcher exits, so does its pop3d (the port is free again)."""
+    messages = sample_messages()
+    check = holds_no_listening_socket(served.port)
+    for _ in range(2):
+        poplib_round(
+            env, served.port, messages, check_process=lambda pid: (runs_as_mail_account(pid), check(pid))
+        )
+    first = listeners(env)
+    assert len(first) == 1, env.log_text()  # the probe and both rounds: one listener
+    assert wait_for(lambda: "no session for 2 s: exiting" in env.log_text(), timeout=30), env.log_text()
+    assert wait_for(lambda: not Path(f"/proc/{first[0]}").exists(), timeout=30)
+    env.write_spool(mbox_bytes(messages))
+    client = poplib.POP3("127.0.0.1", served.port, timeout=IO_TIMEOUT)  # the launcher started another
+    client.user("alice")
+    client.pass_(PASSWORD)
+    second = listeners(env)
+    assert len(second) == 2 and second[1] != first[0]
+    served.stop()  # with a session running: it goes on, nothing new is accepted, then pop3d exits
+    assert wait_for(lambda: "inetd has exited" in env.log_text(), timeout=30), env.log_text()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", served.port), timeout=5).close()
+    assert client.stat()[0] == len(messages)
+    client.dele(1)
+    client.quit()
+    assert wait_for(lambda: not Path(f"/proc/{second[1]}").exists(), timeout=30), env.log_text()
+    assert env.spool_path().read_bytes() == mbox_bytes(messages[1:])
+
+
+@needs_root
+@needs_inetd
+def test_openbsd_inetd_wait_hands_pop3d_its_socket(env: Pop3Env) -> None:
+    """The shipped `wait` line (commented out beside the `nowait` one): inetd passes its
+    listening socket as fd 0, and one pop3d serves every connection, as --listen does."""
+    env.write_config(idle_exit=2)
+    served = start_inetd(env, commented=True)
+    try:
+        one_listener_serves_every_connection(env, served)
+    finally:
+        served.stop()
+    assert "wait" in served.text()
+
+
+@needs_root
+@needs_xinetd
+def test_xinetd_wait_yes_hands_pop3d_its_socket(env: Pop3Env) -> None:
+    """The shipped service with `wait = yes`, as its comment describes."""
+    env.write_config(idle_exit=2)
+    served = start_xinetd(env, changed={"wait": "yes"})
+    try:
+        one_listener_serves_every_connection(env, served)
+    finally:
+        served.stop()
 
 
 def hardened_session(unit: str, env: Pop3Env):
