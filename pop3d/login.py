@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from pop3d import auth, log, names, privs, protocol
+from pop3d import auth, limits, log, names, privs, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,9 +61,10 @@ def authenticate(config: Config, raw_user: bytes, password: bytes, peer: str) ->
     """Check the credentials: the account, or the response code of the failure.
 
     Runs with the privileges the check needs (root, for PAM and a root-only htpasswd file), and
-    touches no maildrop. Every failure is logged and answered `auth_failure_delay` seconds after
-    the check began, whatever failed and however long it took (as long as that is shorter): an
-    unknown user, a wrong password, a malformed name and a disabled account cannot be told apart.
+    touches no maildrop. Every failure is logged and answered `auth_failure_delay` seconds (at
+    least limits.AUTH_FAILURE_FLOOR) after the check began, whatever failed and however long it
+    took (as long as that is shorter): an unknown user, a wrong password, a malformed name and a
+    disabled account cannot be told apart.
     """
     started = time.monotonic()
     name = auth.valid_username(raw_user)
@@ -80,7 +81,7 @@ def authenticate(config: Config, raw_user: bytes, password: bytes, peer: str) ->
     except auth.AuthUnavailableError as e:
         log.error(f"login failed: user={shown} rip={peer}: {e}")
         code = protocol.SYS_TEMP
-    delay = float(config.auth_failure_delay)  # type: ignore[arg-type]
+    delay = max(float(config.auth_failure_delay), limits.AUTH_FAILURE_FLOOR)  # type: ignore[arg-type]
     time.sleep(max(0.0, started + delay - time.monotonic()))
     return code
 

@@ -6,6 +6,7 @@ import base64
 import os
 import poplib
 import subprocess
+import time
 
 import pytest
 from conftest import (
@@ -153,6 +154,27 @@ def test_second_session_gets_in_use(env: Pop3Env) -> None:
     assert second.file.read() == b""  # a login that cannot get its maildrop ends the session
     first.quit()
     assert finish(first) == 0
+
+
+def test_no_failure_is_answered_before_the_floor(env: Pop3Env) -> None:
+    """Issue 12, finding 9: auth_failure_delay = 0 is raised to the floor, so that an unknown
+    user, a wrong password and an invalid name cannot be told apart by time."""
+    from pop3d import limits
+
+    env.write_config(auth_failure_delay=0, max_auth_failures=10)
+    sock, proc = env.start()
+    reader = sock.makefile("rb")
+    reader.readline()
+    for user in ("alice", "nobody-here", "../etc"):
+        sock.sendall(f"USER {user}\r\n".encode())
+        reader.readline()
+        started = time.monotonic()
+        sock.sendall(b"PASS wrong\r\n")
+        assert reader.readline() == b"-ERR [AUTH] Authentication failed.\r\n"
+        assert time.monotonic() - started >= limits.AUTH_FAILURE_FLOOR, user
+    sock.sendall(b"QUIT\r\n")
+    reader.readline()
+    assert proc.wait(timeout=20) == 0
 
 
 def test_wrong_password_and_unknown_user_look_the_same(env: Pop3Env) -> None:

@@ -633,6 +633,42 @@ def test_unknown_user_and_wrong_password_take_the_same_time(
     assert max(min(unknown), min(wrong)) <= min(max(unknown), max(wrong)) + slack, timings
 
 
+def test_no_failure_is_answered_before_the_floor(sysenv: Pop3Env, account: Account) -> None:
+    """Issue 12, finding 9: with auth_failure_delay = 0 the failure paths took 2 ms (locked),
+    14 ms (unknown user, uid below first_uid) and 44 ms (wrong password): timing told which
+    accounts exist. Every failure now waits for the floor, whatever the setting."""
+    from pop3d import limits
+
+    sysenv.write_config(auth_failure_delay=0, max_auth_failures=20)
+    locked = f"p3t_{secrets.token_hex(4)}"
+    account_tool("useradd", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", locked)
+    try:
+        account_tool("chpasswd", "-c", "YESCRYPT", stdin=f"{locked}:{account.password}\n")
+        account_tool("usermod", "-L", locked)
+        sock, proc = sysenv.start()
+        reader = sock.makefile("rb")
+        reader.readline()
+        for user, password in (
+            (account.name, "wrong"),
+            ("p3t_no_such_user", account.password),
+            ("daemon", "x"),  # uid below first_uid
+            ("root", "x"),
+            ("../etc", "x"),  # an invalid name
+            (locked, account.password),  # the right password of a locked account
+        ):
+            sock.sendall(f"USER {user}\r\n".encode())
+            reader.readline()
+            started = time.monotonic()
+            sock.sendall(f"PASS {password}\r\n".encode())
+            assert reader.readline() == AUTH_FAILED + b"\r\n"
+            assert time.monotonic() - started >= limits.AUTH_FAILURE_FLOOR, user
+        sock.sendall(b"QUIT\r\n")
+        reader.readline()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        subprocess.run(["userdel", "-f", locked], capture_output=True, timeout=30)
+
+
 def test_tls_session_keeps_tls_in_the_confined_child(sysenv: Pop3Env, account: Account) -> None:
     """With STLS the TLS state lives in the pre-authentication child: after the login it stays,
     still confined, as a relay; the session process is the account and holds no TLS state."""
