@@ -327,6 +327,25 @@ def test_client_closing_mid_handshake(env: Pop3Env, certs: Certs, mode: str) -> 
     no_traceback(env, proc)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF) (_ssl.c:992)"),  # Debian's 3.11.2
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:992)"),  # later 3.11s
+        ConnectionResetError(104, "Connection reset by peer"),
+        BrokenPipeError(32, "Broken pipe"),
+    ],
+)
+def test_a_client_leaving_mid_handshake_is_worded_the_same_by_every_interpreter(error: OSError) -> None:
+    """Issue 16: the same event read 'TLS error: TLS/SSL connection has been closed (EOF)' under
+    Debian's Python 3.11.2 (the non-root run) and 'the client closed the connection' under later
+    ones. The administrator's wording, whichever process (the confined child as root, or the
+    session as a user) and whichever interpreter does the handshake."""
+    from pop3d import tls
+
+    assert tls._describe(error) == "the client closed the connection"
+
+
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
 def test_client_that_never_completes_the_handshake_is_timed_out(
     env: Pop3Env, certs: Certs, mode: str
