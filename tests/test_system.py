@@ -8,6 +8,7 @@ These tests need root, as in CI; they skip with the reason otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import poplib
@@ -334,6 +335,34 @@ def test_max_auth_failures_ends_the_session(sysenv: Pop3Env, account: Account) -
     assert client.proc.wait(timeout=20) == 0
 
 
+@contextlib.contextmanager
+def traced(
+    env: Pop3Env, trace: Path, calls: str
+) -> Iterator[tuple[socket.socket, BinaryIO, subprocess.Popen]]:
+    """pop3d as inetd runs it, under `strace -f` (these calls, into `trace`): our socket end, a
+    reader on it, the process; it is killed at the end if still running."""
+    ours, theirs = socket.socketpair()
+    command = ["strace", "-f", "-qq", "-s", "400", "-e", f"trace={calls}", "-o", str(trace)]
+    proc = subprocess.Popen(command + env.command(), stdin=theirs, stdout=theirs, cwd=str(ROOT))
+    theirs.close()
+    ours.settimeout(60)
+    try:
+        yield ours, ours.makefile("rb"), proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ours.close()
+
+
+def assert_root_never_read_the_client(trace: str) -> None:
+    """The first process traced (the session process, root until a login) never read fd 0;
+    the confined child did."""
+    pids = [int(line.split()[0]) for line in trace.splitlines() if line[:1].isdigit()]
+    reads_from_client = {int(m.group(1)) for m in re.finditer(r"^(\d+) +read\(0,", trace, re.M)}
+    assert reads_from_client and pids[0] not in reads_from_client
+
+
 def _clear_home(name: str, tmp_path: Path) -> None:
     """Empty the home directory field of `name` (usermod refuses to), through vipw's locking."""
     editor = tmp_path / "edit-passwd"
@@ -367,28 +396,14 @@ def test_root_never_reads_the_client_after_a_login_it_cannot_complete(
     _clear_home(account.name, tmp_path)
     sysenv.write_config(mailbox="%h/mbox")
     trace = tmp_path / "trace"
-    ours, theirs = socket.socketpair()
-    command = ["strace", "-f", "-qq", "-e", "trace=read", "-o", str(trace)]
-    proc = subprocess.Popen(command + sysenv.command(), stdin=theirs, stdout=theirs, cwd=str(ROOT))
-    theirs.close()
-    ours.settimeout(60)
-    reader = ours.makefile("rb")
-    try:
+    with traced(sysenv, trace, "read") as (ours, reader, proc):
         assert reader.readline().startswith(b"+OK")
         ours.sendall(f"USER {account.name}\r\nPASS {account.password}\r\nUSER {account.name}\r\n".encode())
         assert reader.readline() == b"+OK Send PASS.\r\n"
         assert reader.readline().startswith(b"-ERR [SYS/PERM]")
         assert reader.readline() == b""  # closed: the USER behind PASS was never answered
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        ours.close()
-    text = trace.read_text(errors="replace")
-    pids = [int(line.split()[0]) for line in text.splitlines() if line[:1].isdigit()]
-    reads_from_client = {int(m.group(1)) for m in re.finditer(r"^(\d+) +read\(0,", text, re.M)}
-    assert reads_from_client and pids[0] not in reads_from_client  # only the confined child read
+    assert_root_never_read_the_client(trace.read_text(errors="replace"))
     assert "mailbox template uses %h but the account has no home directory" in sysenv.log_text()
 
 
@@ -564,13 +579,7 @@ def test_hostile_names_never_touch_the_filesystem(
     sysenv.write_config(max_auth_failures=20, pam_service=service)
     before = (sorted(os.listdir(sysenv.spool_dir)), os.stat(sysenv.spool_dir).st_mtime_ns)
     trace = tmp_path / "trace"
-    ours, theirs = socket.socketpair()
-    command = ["strace", "-f", "-qq", "-s", "400", "-e", "trace=file,read", "-o", str(trace)]
-    proc = subprocess.Popen(command + sysenv.command(), stdin=theirs, stdout=theirs, cwd=str(ROOT))
-    theirs.close()
-    ours.settimeout(60)
-    reader = ours.makefile("rb")
-    try:
+    with traced(sysenv, trace, "file,read") as (ours, reader, proc):
         reader.readline()
         reference = _exchange(ours, reader, account.name.encode(), b"wrong")
         assert reference == b"+OK Send PASS.\r\n" + AUTH_FAILED + b"\r\n"
@@ -583,22 +592,13 @@ def test_hostile_names_never_touch_the_filesystem(
         ours.sendall(b"QUIT\r\n")
         assert reader.readline().startswith(b"+OK")
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        ours.close()
     after = (sorted(os.listdir(sysenv.spool_dir)), os.stat(sysenv.spool_dir).st_mtime_ns)
     assert after == before
     text = trace.read_text(errors="replace")
     paths = _paths(text)
     for name in [*HOSTILE, b"a\0b", b"w" * 300]:
         assert not _touches(paths, name), name
-    # The root process never read a byte from the client (fd 0); the confined child did.
-    pids = [int(line.split()[0]) for line in text.splitlines() if line[:1].isdigit()]
-    monitor = pids[0]
-    reads_from_client = {int(m.group(1)) for m in re.finditer(r"^(\d+) +read\(0,", text, re.M)}
-    assert reads_from_client and monitor not in reads_from_client
+    assert_root_never_read_the_client(text)
     # Control: the one name that reached PAM (the real account's) shows up as a path ...
     assert f"{tally}/{account.name}" in paths
     # ... and nothing of the maildrop is touched before a login succeeds.
