@@ -1,8 +1,8 @@
 """Serve one connection on given descriptors: pick the driver for how pop3d was started.
 
 Started as root: `privsep`, the dialogue in a confined child (`preauth_user` may not be empty:
-root parses no client byte). Started as
-an ordinary user: the session runs here, in this process, as that user. The two drivers share
+root parses no client byte). Started as an ordinary user: the session runs here, in this
+process, as that user. The two drivers share
 the transports and the session loop (`transport`, `session`) and never import each other.
 """
 
@@ -26,7 +26,7 @@ def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = Fals
     socket pair on which it learns the client (proxied.admit)."""
     conn = Connection(rfd, wfd)
     try:
-        if os.geteuid() == 0:  # preauth_user is set: privs.check_accounts
+        if os.geteuid() == 0:  # preauth_user is set: privs.check_setup
             from pop3d import privsep
 
             return privsep.serve(config, conn, greeting_sent, report)
