@@ -8,8 +8,16 @@ sleeping, so a process that takes the same locks in another order can never dead
 The dotlock is created NFS-safely (liblockfile's algorithm): a uniquely named temporary file in
 the same directory is `link()`ed to the lock name, and success is judged by the temporary file's
 link count (2), never by link()'s return value (an NFS retransmission can report EEXIST for a link
-that was made). The lock holds our pid and a newline, as liblockfile writes it, so `dotlockfile`
-(and its `-p` pid check) interoperate.
+that was made). The lock holds `<pid>:<host>` and a newline, as Dovecot writes it: liblockfile
+(`dotlockfile -p`) reads the pid with atoi() and stops at the colon, Dovecot trusts the pid only
+when the host is its own, and so do we.
+
+A dotlock is stale (and broken, if it looks like a lock: see `_read_lock`) when it was left
+untouched for `stale` seconds (every MDA's rule), or, for a lock made on this host, as soon as
+its pid is not a running process (liblockfile's rule) or it is older than this host's boot (a
+power cut leaves the lock empty: no pid was synced). "Made on this host": it names our host, or
+it names none and the spool directory's file system is a local one this host does not export
+over NFS (`_local_directory`). A lock of another host is only ever broken by the first rule.
 
 Creating the dotlock needs write access to the spool directory. Debian's `/var/mail` is
 `root:mail 2775`: the session must keep group `mail` when it drops to the user (as Debian's MDAs
@@ -48,6 +56,74 @@ class LockPermissionError(LockError):
 
 def _noop_log(message: str) -> None:
     pass
+
+
+def _host_name() -> str:
+    """This host's name as it is written in our dotlocks (and Dovecot's): the kernel's nodename."""
+    return os.uname().nodename
+
+
+def _boot_time() -> float | None:
+    """When this host booted (seconds since the epoch, /proc/stat's btime), or None if unknown."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _running(pid: int) -> bool:
+    """True unless no process `pid` runs here (a zombie no longer runs: its locks are gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except OverflowError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read(512).rpartition(b")")[2].split()[:1]
+    except OSError:
+        return True  # /proc hidden from us (hidepid): it exists
+    return state != [b"Z"]
+
+
+# File systems that only this host's kernel writes to (an NFS export of one is checked apart).
+# Anything else (nfs, cifs, ceph, gfs2, ocfs2, 9p, virtiofs, fuse.*, ...) may be shared with
+# another host or another kernel, whose pids and boot time mean nothing here.
+_LOCAL_FILESYSTEMS = frozenset(
+    ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "jfs", "reiserfs", "zfs",
+     "bcachefs", "nilfs2", "overlay", "vfat", "exfat", "hfsplus")
+)  # fmt: skip
+
+
+def _local_directory(directory: str) -> bool:
+    """True if `directory` is on a local file system (by its device in /proc/self/mountinfo)
+    and this host exports nothing over NFS (/proc/fs/nfsd/exports is empty or absent)."""
+    try:
+        dev = os.stat(directory).st_dev
+        want = f"{os.major(dev)}:{os.minor(dev)}".encode()
+        fstype = None
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields, _, rest = line.partition(b" - ")
+                parts = fields.split()
+                if len(parts) > 2 and parts[2] == want and rest:
+                    fstype = rest.split()[0].decode("ascii", "replace")
+        if fstype not in _LOCAL_FILESYSTEMS:
+            return False
+        with open("/proc/fs/nfsd/exports", "rb") as f:
+            exported = any(line.strip() and not line.startswith(b"#") for line in f)
+        return not exported
+    except FileNotFoundError as e:
+        return e.filename == "/proc/fs/nfsd/exports"  # no NFS server here
+    except OSError:
+        return False
 
 
 def _host_tag() -> str:
@@ -121,6 +197,7 @@ class MailboxLock:
         "_dot_id",
         "_doubted",
         "_held",
+        "_local",
         "_log",
         "busy_method",
         "fd",
@@ -160,6 +237,7 @@ class MailboxLock:
         self.busy_method = ""  # which lock was busy in the last failed round (for the log)
         self._acquired = False
         self._doubted = False  # logged once: a file at the dotlock's name that is no lock
+        self._local: bool | None = None  # _local_directory of the spool's directory, once asked
 
     # ------------------------------------------------------------------ acquire
 
@@ -199,7 +277,7 @@ class MailboxLock:
         directory = os.path.dirname(self.lock_path) or "."
         tag = f"{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}"
         tmp = names.own(self.path, f"{names.DOTLOCK_TEMP}-{tag}")
-        content = b"%d\n" % os.getpid()
+        content = b"%d:%s\n" % (os.getpid(), _host_name().encode("ascii", "surrogateescape"))
         for _ in range(2):  # a second try right after breaking a stale lock
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -261,8 +339,8 @@ class MailboxLock:
                 self._doubted = True
                 self._log(f"{self.lock_path} is not a lock file (type, size or content): left alone")
             return False
-        age = fs_now - st.st_mtime
-        if age <= self.stale:
+        why = self._stale(st, content, fs_now)
+        if why is None:
             return False
         # Re-check just before unlinking: another breaker may have replaced it meanwhile.
         try:
@@ -277,8 +355,29 @@ class MailboxLock:
             return True
         except OSError:
             return False
-        self._log(f"broke stale dotlock {self.lock_path} (untouched for {age:.0f} s > {self.stale:g} s)")
+        self._log(f"broke stale dotlock {self.lock_path} ({why})")
         return True
+
+    def _stale(self, st: os.stat_result, content: bytes, fs_now: float) -> str | None:
+        """Why the lock is stale, or None (see the module's docstring)."""
+        age = fs_now - st.st_mtime
+        if age > self.stale:
+            return f"untouched for {age:.0f} s > {self.stale:g} s"
+        pid, host = _lock_owner(content) or (0, "")
+        if host:
+            here = host == _host_name()
+        else:
+            if self._local is None:
+                self._local = _local_directory(os.path.dirname(self.lock_path) or ".")
+            here = self._local
+        if not here:
+            return None
+        boot = _boot_time()
+        if boot is not None and st.st_mtime < boot:
+            return "made before this host booted"
+        if pid > 0 and not _running(pid):
+            return f"its process {pid} is not running on this host"
+        return None
 
     def _try_fcntl(self) -> bool:
         import fcntl

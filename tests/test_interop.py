@@ -103,7 +103,7 @@ def test_session_lock_makes_dotlockfile_fail(env: Pop3Env) -> None:
     path = env.write_spool(mbox_bytes(sample_messages()))
     lock = f"{path}.lock"
     client = login(env)
-    assert Path(lock).read_text().strip() == str(client.proc.pid)
+    assert Path(lock).read_text() == f"{client.proc.pid}:{os.uname().nodename}\n"
     assert dotlockfile("-r", "0", "-l", lock) != 0
     assert dotlockfile("-p", "-r", "0", "-l", lock) != 0  # the pid in it is alive
     client.quit()
@@ -142,7 +142,7 @@ def test_idle_session_keeps_its_dotlock_fresh(env: Pop3Env) -> None:
     assert wait_for(lambda: time.time() - lock.stat().st_mtime < 60, timeout=10)
     # dotlockfile (-r 2: it breaks locks older than 5 minutes between retries) cannot take it.
     assert dotlockfile("-r", "2", "-i", "0", "-l", str(lock)) != 0
-    assert lock.read_text().strip() == str(client.proc.pid)
+    assert lock.read_text().split(":")[0] == str(client.proc.pid)
     client.dele(1)
     assert client.quit().startswith(b"+OK")  # the lock is still ours, so the update runs
     assert client.proc.wait(timeout=20) == 0
@@ -167,6 +167,55 @@ def test_broken_session_lock_aborts_the_update(env: Pop3Env) -> None:
     client.proc.wait(timeout=20)
     assert path.read_bytes() == data
     assert "update failed" in env.log_text()
+
+
+def test_session_killed_with_sigkill_does_not_lock_its_user_out(env: Pop3Env) -> None:
+    """Review finding 4: a session killed with SIGKILL (or by a SIGBUS) leaves its dotlock; the
+    next login waited for stale_lock (5 minutes). Its process is gone from this host: the next
+    session breaks the lock at once. No update happened (DELE without QUIT)."""
+    data = mbox_bytes(sample_messages())
+    path = env.write_spool(data)
+    lock = Path(f"{path}.lock")
+    first = login(env)
+    first.dele(1)
+    holder = int(lock.read_text().split(":")[0])
+    os.kill(holder, signal.SIGKILL)
+    first.proc.wait(timeout=20)  # reaped, as inetd does
+    assert lock.exists()
+    second = login(env)  # lock_timeout is 1 s in these tests
+    assert second.stat()[0] == len(sample_messages())
+    assert second.quit().startswith(b"+OK")
+    assert second.proc.wait(timeout=20) == 0
+    assert path.read_bytes() == data and leftovers(path) == []
+    assert f"its process {holder} is not running on this host" in env.log_text()
+
+
+@pytest.mark.parametrize("content", [b"", b"12345:other-host.example.org\n"])
+def test_dotlock_older_than_boot(env: Pop3Env, content: bytes) -> None:
+    """An empty dotlock older than this host's boot (a power cut) is stale at once, however long
+    stale_lock is; another host's lock is never judged by our boot time or our pids (NFS)."""
+    stat = Path("/proc/stat").read_text().splitlines()
+    booted = next(float(line.split()[1]) for line in stat if line.startswith("btime "))
+    if time.time() - booted > 86400 - 600:
+        pytest.skip("up for a day: stale_lock (at most 86400 s) would break the lock before boot does")
+    env.write_config(stale_lock=86400)
+    data = mbox_bytes(sample_messages())
+    path = env.write_spool(data)
+    lock = Path(f"{path}.lock")
+    lock.write_bytes(content)
+    os.utime(lock, (booted - 1, booted - 1))
+    client = env.client()
+    client.user("alice")
+    if content:
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            client.pass_(PASSWORD)  # and the session ends
+        assert lock.read_bytes() == content
+    else:
+        client.pass_(PASSWORD)
+        assert "made before this host booted" in env.log_text()
+        client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    assert path.read_bytes() == data
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])

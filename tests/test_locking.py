@@ -67,6 +67,11 @@ def mbox(tmp_path: Path) -> Path:
     return path
 
 
+def our_content(pid: int | None = None) -> bytes:
+    """What our dotlock holds: `<pid>:<host>` and a newline."""
+    return b"%d:%s\n" % (os.getpid() if pid is None else pid, os.uname().nodename.encode())
+
+
 def leftovers(directory: Path, keep: set[str]) -> set[str]:
     return set(os.listdir(directory)) - keep
 
@@ -82,7 +87,7 @@ def test_dotlock_holds_our_pid_and_leaves_nothing_behind(mbox: Path) -> None:
     lock.acquire()
     try:
         lock_file = Path(str(mbox) + ".lock")
-        assert lock_file.read_bytes() == b"%d\n" % os.getpid()  # as liblockfile writes it
+        assert lock_file.read_bytes() == our_content()  # pid:host, as Dovecot writes it
         assert leftovers(mbox.parent, {"alice", "alice.lock"}) == set()  # temp name removed
         assert lock.held and lock.verify()
     finally:
@@ -214,7 +219,7 @@ def test_stale_dotlock_is_broken_with_a_log_line(mbox: Path) -> None:
     lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=2, stale=10, log=messages.append)
     lock.acquire()
     try:
-        assert lock_name.read_bytes() == b"%d\n" % os.getpid()
+        assert lock_name.read_bytes() == our_content()
         assert any("stale" in m and str(lock_name) in m for m in messages)
     finally:
         lock.release()
@@ -229,6 +234,138 @@ def test_fresh_foreign_dotlock_is_not_broken(mbox: Path) -> None:
     assert lock_name.read_bytes() == b"0\n"
 
 
+def boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise AssertionError("no btime in /proc/stat")
+
+
+def dead_pid() -> int:
+    """The pid of a process that ran here and is gone (reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def plant(lock_name: Path, content: bytes, mtime: float | None = None) -> None:
+    lock_name.write_bytes(content)
+    if mtime is not None:
+        os.utime(lock_name, (mtime, mtime))
+
+
+def take(mbox: Path, messages: list[str], timeout: float = 2) -> None:
+    """Take and release the dotlock (stale_lock of ~30 years: only the pid or boot rule can break)."""
+    lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=timeout, stale=1e9, log=messages.append)
+    lock.acquire()
+    lock.release()
+
+
+@pytest.mark.parametrize("form", ["ours", "liblockfile"])
+def test_dotlock_of_a_dead_process_here_is_stale_at_once(mbox: Path, form: str) -> None:
+    """liblockfile's rule: a lock whose process is not running on this host is stale, whatever its
+    age. Ours name the host; a lock naming none (liblockfile's `pid\\n`) is judged so too because
+    the spool directory is on a local file system this host does not export."""
+    pid = dead_pid()
+    lock_name = Path(str(mbox) + ".lock")
+    plant(lock_name, our_content(pid) if form == "ours" else b"%d\n" % pid)
+    messages: list[str] = []
+    take(mbox, messages)
+    assert any(f"process {pid} is not running" in m for m in messages), messages
+
+
+def test_dotlock_of_a_zombie_is_stale(mbox: Path) -> None:
+    """A session killed and not yet reaped is a zombie: kill(pid, 0) still succeeds, but it holds
+    no lock any more (its fcntl locks are gone too)."""
+    pid = os.fork()
+    if pid == 0:  # take the lock and die without releasing it
+        lock = MailboxLock(str(mbox), None, ("dotlock",))
+        lock.acquire()
+        os._exit(0)
+    try:
+        lock_name = Path(str(mbox) + ".lock")
+        assert wait_for_zombie(pid)
+        assert lock_name.read_bytes() == our_content(pid)
+        messages: list[str] = []
+        take(mbox, messages)
+        assert any(f"process {pid} is not running" in m for m in messages), messages
+    finally:
+        os.waitpid(pid, 0)
+
+
+def wait_for_zombie(pid: int) -> bool:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+        if state == b"Z":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("content", [b"", b"0\n", b"0"])
+def test_dotlock_older_than_boot_is_stale(mbox: Path, content: bytes) -> None:
+    """After a power cut the dotlock survives empty (its pid was never synced): older than this
+    host's boot, no process that made it can still run."""
+    lock_name = Path(str(mbox) + ".lock")
+    plant(lock_name, content, boot_time() - 1)
+    messages: list[str] = []
+    take(mbox, messages)
+    assert any("before this host booted" in m for m in messages), messages
+
+
+def test_live_holder_and_fresh_empty_lock_are_respected(mbox: Path) -> None:
+    lock_name = Path(str(mbox) + ".lock")
+    for content in (our_content(), b"%d\n" % os.getppid(), b""):
+        plant(lock_name, content)
+        with pytest.raises(LockTimeoutError):
+            take(mbox, [], timeout=0.3)
+        assert lock_name.read_bytes() == content
+
+
+def test_dotlock_of_another_host_is_judged_by_age_only(mbox: Path) -> None:
+    """NFS: another host's pid and boot mean nothing here. Its lock, even with a pid that is not
+    running here and older than our boot, is broken only once untouched for stale_lock."""
+    lock_name = Path(str(mbox) + ".lock")
+    theirs = b"%d:other-host.example.org\n" % dead_pid()
+    plant(lock_name, theirs, boot_time() - 1)
+    with pytest.raises(LockTimeoutError):
+        take(mbox, [], timeout=0.3)
+    assert lock_name.read_bytes() == theirs
+    messages: list[str] = []
+    lock = MailboxLock(
+        str(mbox), None, ("dotlock",), timeout=2, stale=time.time() - boot_time() - 60, log=messages.append
+    )
+    lock.acquire()
+    lock.release()
+    assert any("untouched for" in m for m in messages), messages
+
+
+@needs_dotlockfile
+def test_dotlockfile_breaks_the_lock_of_a_killed_session_and_we_break_its(mbox: Path) -> None:
+    """Interop both ways with liblockfile's pid check (`dotlockfile -p`): it reads the pid in our
+    `pid:host` lock and breaks it once that process is gone; we break the `pid\\n` lock that a
+    `dotlockfile -p` run from a shell that has exited leaves behind."""
+    lock_name = str(mbox) + ".lock"
+    pid = os.fork()
+    if pid == 0:
+        MailboxLock(str(mbox), None, ("dotlock",)).acquire()
+        os.kill(os.getpid(), 9)  # SIGKILL with the lock held
+    os.waitpid(pid, 0)
+    assert Path(lock_name).read_bytes() == our_content(pid)
+    assert run_dotlockfile("-p", "-r", "0", "-l", lock_name) == 0  # broken by liblockfile
+    assert Path(lock_name).read_bytes() == b"%d\n" % os.getpid()  # -p: the caller's pid
+    assert run_dotlockfile("-u", lock_name) == 0
+    shell = subprocess.run(
+        ["sh", "-c", f"{DOTLOCKFILE} -p -l {lock_name} && echo $$"], capture_output=True, timeout=30
+    )
+    assert shell.returncode == 0
+    assert Path(lock_name).read_bytes() == shell.stdout  # the shell's pid; the shell has exited
+    messages: list[str] = []
+    take(mbox, messages)
+    assert any("is not running" in m for m in messages), messages
+
+
 def test_verify_detects_a_broken_and_replaced_dotlock(mbox: Path) -> None:
     lock_name = Path(str(mbox) + ".lock")
     messages: list[str] = []
@@ -236,7 +373,7 @@ def test_verify_detects_a_broken_and_replaced_dotlock(mbox: Path) -> None:
     lock.acquire()
     assert lock.verify()
     lock_name.unlink()
-    lock_name.write_bytes(b"%d\n" % os.getpid())  # same content, another file
+    lock_name.write_bytes(our_content())  # same content, another file
     assert not lock.verify()
     lock.release()
     assert lock_name.exists()  # someone else's now: never removed by us

@@ -126,7 +126,10 @@ def test_open_lists_and_streams_messages(small: tuple[Path, list[bytes]]) -> Non
     path, messages = small
     with Maildrop.open(str(path)) as md:
         assert md.listing.count == len(messages)
-        assert Path(str(path) + ".lock").read_bytes() == b"%d\n" % os.getpid()
+        assert Path(str(path) + ".lock").read_bytes() == b"%d:%s\n" % (
+            os.getpid(),
+            os.uname().nodename.encode(),
+        )
         for i, raw in enumerate(messages):
             sent = b"".join(md.iter_message(i))
             assert len(sent) == md.listing.size(i)
@@ -683,7 +686,10 @@ def check_recovered(
             and name.endswith("." + path.name)
             and (name[len(lk) : -len(path.name) - 1].rsplit("-", 2)[1] == str(killed))
         ):
-            assert (path.parent / name).read_bytes() in (b"", b"%d\n" % killed)
+            assert (path.parent / name).read_bytes() in (
+                b"",
+                b"%d:%s\n" % (killed, os.uname().nodename.encode()),
+            )
             (path.parent / name).unlink()
             left.remove(name)
     assert not left  # no journal, temp or lock file left
