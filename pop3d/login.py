@@ -280,18 +280,62 @@ def groups_for(config: Config, account: auth.Account, path: str) -> list[int]:
 
 
 def _mail_group_needed(directory: str, uid: int) -> int | None:
+    """Group mail's gid if the spool directory needs it (root:mail, group-writable, like Debian's
+    /var/mail) and is reached through a path no user controls; else None.
+
+    Decided on the path itself, not through it: `mailbox = %h/mail/inbox` with `~/mail ->
+    /var/mail` must not give the user group mail. See `_resolve_trusted`.
+    """
     import grp
     import stat
 
     try:
         mail_gid = grp.getgrnam("mail").gr_gid
-        st = os.stat(directory)
-    except (KeyError, OSError):
+    except KeyError:
+        return None
+    st = _resolve_trusted(directory)
+    if st is None:
         return None
     mode = st.st_mode
-    if st.st_uid == uid or mode & stat.S_IWOTH or not mode & stat.S_IWGRP or st.st_gid != mail_gid:
+    if st.st_uid != 0 or mode & stat.S_IWOTH or not mode & stat.S_IWGRP or st.st_gid != mail_gid:
         return None
     return mail_gid
+
+
+def _resolve_trusted(directory: str) -> os.stat_result | None:
+    """The directory's status if the kernel reaches it only through entries no user controls:
+    every directory on the way (symbolic links resolved as the kernel does) and every link is
+    owned by root, and no directory before the last is writable by a group or others unless it
+    is sticky (/tmp: nobody else can rename or remove root's entries there). Else None."""
+    import stat
+
+    pending = [part for part in directory.split("/") if part]
+    path = "/"
+    hops = 0
+    st = os.lstat(path)
+    while pending:
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            return None  # a user (or a group) could swap the next entry
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        path = os.path.dirname(path) if part == ".." else os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if st.st_uid != 0 or hops > 40:
+                    return None
+                target = os.readlink(path)
+                pending[:0] = [part for part in target.split("/") if part]
+                path = "/" if target.startswith("/") else os.path.dirname(path)
+                st = os.lstat(path)
+                continue
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+    return st
 
 
 def _drop_privileges(config: Config, account: auth.Account, path: str) -> None:

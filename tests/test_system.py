@@ -275,6 +275,42 @@ def test_home_directory_template_and_no_extra_group(sysenv: Pop3Env, account: Ac
     assert not (account.home / "mbox.lock").exists()
 
 
+def test_group_mail_is_not_granted_through_a_symlink_the_user_owns(sysenv: Pop3Env, account: Account) -> None:
+    """Review finding 8: with `mailbox = %h/mail/inbox` and `~/mail -> /var/mail` (here the
+    root:mail 2775 spool directory), the session got group mail and created files there. The
+    decision now follows the path itself: the user's home is the user's, so no group mail, and
+    nothing is created in the mail directory (the dotlock cannot be: [SYS/PERM], logged)."""
+    sysenv.write_config(mailbox="%h/mail/inbox")
+    (account.home / "mail").symlink_to(sysenv.spool_dir)
+    os.lchown(account.home / "mail", account.uid, account.gid)
+    spool = sysenv.spool_dir / "inbox"
+    spool.write_bytes(mbox_bytes(sample_messages()[:1]))
+    os.chown(spool, account.uid, account.gid)
+    spool.chmod(0o600)
+    before = sorted(os.listdir(sysenv.spool_dir))
+    reply, client = try_login(sysenv, account.name, account.password)
+    assert reply.startswith(b"-ERR [SYS/PERM]"), reply  # and the session ends
+    assert client.proc.wait(timeout=20) == 0
+    assert sorted(os.listdir(sysenv.spool_dir)) == before
+    assert "no write access" in sysenv.log_text()
+
+
+def test_group_mail_through_root_owned_links_is_granted(sysenv: Pop3Env, account: Account) -> None:
+    """A link that only root controls (Debian's /var/spool/mail -> ../mail) is as good as the
+    directory: group mail is kept and the session works."""
+    link = sysenv.base / "spool-link"
+    link.symlink_to("spool")
+    sysenv.write_config(mailbox=f"{link}/%u")
+    write_spool(sysenv, account, mbox_bytes(sample_messages()[:2]))
+    reply, client = try_login(sysenv, account.name, account.password)
+    assert reply.startswith(b"+OK Logged in; 2 messages"), reply
+    assert grp.getgrnam("mail").gr_gid in ids(client.proc.pid)[2]
+    client.dele(1)
+    client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    assert (sysenv.spool_dir / account.name).read_bytes() == mbox_bytes(sample_messages()[1:2])
+
+
 def test_wrong_password_locked_expired_and_low_uid_look_the_same(sysenv: Pop3Env, account: Account) -> None:
     write_spool(sysenv, account, mbox_bytes(sample_messages()[:1]))
     replies = {}
