@@ -650,10 +650,11 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 
 def _ours(st: os.stat_result) -> bool:
-    """A file as pop3d leaves its journals: regular, one link, owned by a uid pop3d writes as,
-    no group or other write permission (not a file planted by another member of group mail)."""
-    owners = {0, os.geteuid()}  # root's files cannot be planted by a member of group mail
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in owners and not st.st_mode & 0o022
+    """A file as pop3d leaves its journals: regular, one link, owned by the uid it writes as for
+    this maildrop (the session's: the spool's owner, never root), no group or other write
+    permission (not a file planted by another member of group mail)."""
+    mode = st.st_mode
+    return stat.S_ISREG(mode) and st.st_nlink == 1 and st.st_uid == os.geteuid() and not mode & 0o022
 
 
 def _drop_temp(path: str, tpath: str, log: Callable[[str], None]) -> bool:

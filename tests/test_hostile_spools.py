@@ -19,6 +19,7 @@ from fuzz.fuzz_mbox import reference, sent_form, top_content
 from hostile import RawClient, leftovers, lock_gone, no_traceback, peak_rss_kib, sparse_file, start
 
 from pop3d import names
+from pop3d.update import STOP_AFTER_ENV
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -224,6 +225,34 @@ def test_planted_journal_does_not_touch_the_spool(env: Pop3Env, magic: bytes) ->
     assert client.proc is not None and client.proc.wait(timeout=60) == 0
     assert path.read_bytes() == data
     no_traceback(env)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: a journal owned by root beside a session of another uid")
+def test_journal_owned_by_root_is_not_pop3d_s(env: Pop3Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review item: the journal's accepted owners included uid 0, which pop3d never writes as
+    (sessions run as the account). A committed journal whose owner is not the session's uid is
+    not applied: logged, left alone, the spool served as it is (untouched before step 4)."""
+    messages = sample_messages()
+    data = mbox_bytes(messages)
+    path = env.write_spool(data)
+    monkeypatch.setenv(STOP_AFTER_ENV, "3")  # killed right after the commit point
+    client = start(env)
+    assert client.login().startswith(b"+OK")
+    assert client.cmd(b"DELE 1").startswith(b"+OK")
+    client.send(b"QUIT")
+    assert client.proc is not None and client.proc.wait(timeout=60) == 137
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    journal = Path(names.journal(str(path)))
+    os.chown(journal, 0, 0)
+    journal.chmod(0o644)  # readable by the session: nothing but its owner says it is not pop3d's
+    os.unlink(f"{path}.lock")  # the killed session's (its pid is gone; not the point here)
+    client = start(env)
+    assert client.login().startswith(b"+OK")
+    assert len(client.listing()) == len(messages)
+    assert client.cmd(b"QUIT").startswith(b"+OK")
+    assert client.proc.wait(timeout=60) == 0
+    assert path.read_bytes() == data and journal.exists()
+    assert "not a journal pop3d wrote" in env.log_text()
 
 
 # ------------------------------------------------------------------ big spools
