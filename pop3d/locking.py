@@ -75,7 +75,7 @@ def _boot_time() -> float | None:
     return None
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """True unless no process `pid` runs here (a zombie no longer runs: its locks are gone)."""
     try:
         os.kill(pid, 0)
@@ -375,7 +375,7 @@ class MailboxLock:
         boot = _boot_time()
         if boot is not None and st.st_mtime < boot:
             return "made before this host booted"
-        if pid > 0 and not _running(pid):
+        if pid > 0 and not process_running(pid):
             return f"its process {pid} is not running on this host"
         return None
 

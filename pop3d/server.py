@@ -21,6 +21,7 @@ import socket
 import time
 
 from pop3d import limits, log, protocol
+from pop3d.locking import process_running
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -447,16 +448,6 @@ class PidFileError(Exception):
     """The pid file names a running process, or cannot be written."""
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check_pidfile(path: str) -> None:
     """Refuse to start when the pid file names a live process; a stale one is overwritten later."""
     try:
@@ -466,7 +457,7 @@ def check_pidfile(path: str) -> None:
         return
     except OSError as e:
         raise PidFileError(f"pidfile {path}: {e.strerror}") from None
-    if text.isdigit() and int(text) != os.getpid() and _running(int(text)):
+    if text.isdigit() and int(text) != os.getpid() and process_running(int(text)):
         raise PidFileError(f"pidfile {path}: pop3d is already running as pid {text}")
 
 
