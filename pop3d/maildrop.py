@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .mbox import Listing
 
 _FINGERPRINT = 64  # bytes remembered from both ends of the scanned spool
+# verify() reads this much at a message's From_ line at once: its header, usually all of it.
+_VERIFY_READ = 16 * 1024
 # The update check reads From_ lines through the mapping and releases them every 2 x this.
 _RELEASE_BATCH = 1024 * 1024
 
@@ -159,6 +161,7 @@ class Maildrop:
         "_lock_ok",
         "_log",
         "_private",
+        "_quiet",
         "_reader",
         "_tail",
         "listing",
@@ -195,6 +198,7 @@ class Maildrop:
         self._lock_ok = True
         self._reader: _PreadBuffer | None = None
         self._private: SessionLock | None = None  # mda_locks = brief: the session lock
+        self._quiet: tuple[int, ...] | None = None  # brief: the spool's state at the scan (_state)
 
     @classmethod
     def open(
@@ -238,6 +242,7 @@ class Maildrop:
             raise
         if private is not None:
             md._private = private
+            md._quiet = md._scanned_state()
             md._lock.release()  # an MDA may deliver from now on
             md._lock.timeout = float(lock_timeout)  # the update waits this long for them
         return md
@@ -348,6 +353,16 @@ class Maildrop:
         reader = self._message_reader()
         return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
+    def _scanned_state(self) -> tuple[int, ...] | None:
+        """Under the locks, right after the scan: the spool's state if no later change can leave
+        it as it is (its ctime settled, see _settled), else None. While the spool is still in
+        that state, nothing was written since the scan: every message is where it was listed."""
+        if self._fd is None:
+            return None
+        now = _ctime_clock()  # before the stat
+        st = os.fstat(self._fd)
+        return _state(st) if _settled(now, st.st_ctime_ns) else None
+
     def _message_reader(self) -> _PreadBuffer:
         """The pread reader; with brief MDA locks a new one per message, so that no bytes read
         before a rewrite are served from its cache."""
@@ -361,9 +376,10 @@ class Maildrop:
 
         With brief MDA locks a program that takes them may rewrite the spool between two reads
         (a mail reader moving or deleting messages): the session calls this after reading a
-        message's bytes and before sending them. Proves the same file (device, inode), not
-        shorter, mbox.same_message, and for the last message the scanned end: a few system calls
-        and the header's digest, never a rescan. With session MDA locks: nothing to prove.
+        message's bytes and before sending them. Nothing to prove while the open spool is in the
+        state it had at the scan (_scanned_state: nothing written since); else the same file
+        (device, inode), not shorter, mbox.same_message, and for the last message the scanned
+        end: a few system calls and the header's digest, never a rescan. Session locks: a no-op.
         """
         if self._private is None:
             return
@@ -374,17 +390,27 @@ class Maildrop:
         why = ""
         try:
             own = os.fstat(fd)  # type: ignore[arg-type]
+            if _state(own) == self._quiet:
+                return  # not written since the scan: what it reads is what was listed
             named = os.lstat(path)
-            reader = _PreadBuffer(fd, self._length, path)
             if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
                 why = "replaced by another file"
             elif own.st_size < self._length:
                 why = f"shrank from {self._length} to {own.st_size} bytes"
-            elif not mbox.same_message(reader, self.listing, index) or (
-                index == self.listing.count - 1
-                and reader[self._length - len(self._tail) : self._length] != self._tail
-            ):
-                why = f"message {index + 1} is no longer where it was listed"
+            else:
+                listing, length, tail = self.listing, self._length, self._tail
+                # One read at the From_ line holds all it takes, usually (its header, the next
+                # From_ line); for a longer message, a reader of the whole file.
+                at = listing.from_offset(index)
+                base = at - 1 if at else 0
+                window = os.pread(fd, min(_VERIFY_READ, length - base), base)  # type: ignore[arg-type]
+                same = mbox.same_message(window, listing, index, base)
+                if same is None:
+                    same = mbox.same_message(_PreadBuffer(fd, length, path), listing, index)
+                if not same or (
+                    index == listing.count - 1 and os.pread(fd, len(tail), length - len(tail)) != tail  # type: ignore[arg-type]
+                ):
+                    why = f"message {index + 1} is no longer where it was listed"
         except (OSError, MaildropTempError) as e:
             why = f"unreadable ({e})"
         if why:
@@ -529,6 +555,8 @@ class Maildrop:
         """
         from . import mbox
 
+        if self._quiet is not None and _state(os.fstat(self._fd)) == self._quiet:  # type: ignore[arg-type]
+            return  # not written since the scan
         buf, listing = self._buf, self.listing
         released = listing.from_offset(order[0])
         for index in order:
@@ -692,6 +720,11 @@ class _PreadBuffer:
 # bytes intact, is scanned from that last From_ line on. Anything else is a full scan, and the
 # record is rewritten. A record is written only with a stat the clock had already passed
 # (_settled): a later change cannot then leave the ctime as it was.
+
+
+def _state(st: os.stat_result) -> tuple[int, ...]:
+    """What any change to a file's data changes (with its ctime settled: see _settled)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _ctime_clock() -> int:

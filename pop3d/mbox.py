@@ -410,33 +410,37 @@ def _quoted_lines(chunk: bytes, a: int, b: int) -> list[int]:
     return [m.start() + 1 for m in _regexes()[1].finditer(chunk, a - 1 if a else 0, b)]
 
 
-def _header_digest(buf: Buffer, q: int, s: int, n: int) -> bytes:
-    """The digest record of the message whose From_ line is at q and content at s, in data
-    ending at n: what `_scan_range`'s `begin` stores, found without its window shortcuts."""
-    cap = max(limits.UID_HEADER_CAP, 1)
-    hl = s + 2 * cap if s + 2 * cap < n else n
-    blank = _blank_line(buf, s - 1, hl, max(limits.MBOX_SCAN_WINDOW, 4))
-    block = buf[q : blank if blank >= 0 else hl]
-    return _sha256_for(n)(bulk.strip_volatile(block)[:cap]).digest()[:_DIGEST_STRIDE]
-
-
-def same_message(buf: Buffer, listing: Listing, index: int) -> bool:
-    """True if `buf` still holds message `index` where the scan found it.
+def same_message(buf: Buffer, listing: Listing, index: int, base: int = 0) -> bool | None:
+    """True if `buf` still holds message `index` where the scan found it, False if not.
 
     A cheap proof, not a rescan: its From_ line is still at its offset (after a LF), the From_
-    line and header block still have the digest its UID came from, and the next message's
-    From_ line (if any) is still where it was. Reads a few bytes and the header block, bounded
-    by the scanned length. The last message's end is the caller's to check.
+    line and header block still have the digest its UID came from (what `_scan_range`'s `begin`
+    stores, found here without its window shortcuts), and the next message's From_ line (if
+    any) is still where it was. The last message's end is the caller's to check.
+
+    `buf` holds the spool from offset `base` on: all of it up to the scanned length, or a window
+    (a single read at the From_ line); None when a window is too short to tell.
     """
-    q = listing.from_offset(index)
-    if buf[q : q + 5] != b"From " or (q and buf[q - 1 : q] != b"\n"):
+    q = listing.from_offset(index) - base
+    n = listing.scanned_length - base
+    end = len(buf) if len(buf) < n else n
+    after = listing.from_offset(index + 1) - base if index + 1 < listing.count else 0
+    if q + 5 > end or after + 5 > end or (q + base and q < 1):
+        return None
+    if buf[q : q + 5] != b"From " or (q + base and buf[q - 1 : q] != b"\n"):
         return False
-    if index + 1 < listing.count:
-        after = listing.from_offset(index + 1)
-        if buf[after - 1 : after + 5] != b"\nFrom ":
-            return False
-    digest = _header_digest(buf, q, listing.start(index), listing.scanned_length)
-    return digest == listing.digest(index)
+    if after and buf[after - 1 : after + 5] != b"\nFrom ":
+        return False
+    cap = max(limits.UID_HEADER_CAP, 1)
+    s = listing.start(index) - base
+    hl = s + 2 * cap if s + 2 * cap < n else n
+    blank = _blank_line(buf, s - 1, hl if hl < end else end, max(limits.MBOX_SCAN_WINDOW, 4))
+    if blank < 0:
+        if hl > end:
+            return None  # the header block may go on past the window
+        blank = hl
+    digest = _sha256_for(listing.scanned_length)(bulk.strip_volatile(buf[q:blank])[:cap]).digest()
+    return digest[:_DIGEST_STRIDE] == listing.digest(index)
 
 
 def _dedup(digests: bytearray, count: int) -> dict[int, int]:

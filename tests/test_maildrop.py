@@ -25,11 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from pop3d import names as pop3d_names
 from pop3d import update as update_module
 from pop3d.maildrop import (
     Maildrop,
+    MaildropChangedError,
     MaildropFormatError,
     MaildropInUseError,
     MaildropPermError,
@@ -283,6 +285,36 @@ def test_brief_second_open_is_in_use_and_the_first_still_updates(small: tuple[Pa
             Maildrop.open(str(path), lock_timeout=0.3, mda_locks="brief")
         md.commit(frozenset({2}))
     assert path.read_bytes() == expected(messages, {2})
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_brief_verify_sees_a_rewrite_right_after_the_scan(
+    spool_dir: Path, settled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify() skips its reads while the spool is in the state the scan saw, but only when the
+    clock had passed that state's ctime: else a rewrite in the same tick could keep the state."""
+    from pop3d import maildrop as maildrop_module
+
+    messages = [
+        b"From a@b Thu Nov 26 10:00:0%d 2026\nSubject: %d\n\nbody %d\n\n" % (i, i, i) for i in range(4)
+    ]
+    path = spool_dir / "alice"
+    write_spool(path, b"".join(messages))
+    ctime = path.stat().st_ctime_ns
+    if settled:
+        assert wait_for(
+            lambda: maildrop_module._settled(maildrop_module._ctime_clock(), ctime), interval=0.001
+        )
+    else:
+        monkeypatch.setattr(maildrop_module, "_ctime_clock", lambda: ctime)  # still that tick
+    with Maildrop.open(str(path), mda_locks="brief") as md:
+        assert (md._quiet is not None) == settled  # the shortcut is armed only when it is safe
+        md.verify(1)
+        with open(path, "r+b") as f:  # messages 2 and 3 swap: same sizes, same offsets
+            f.write(b"".join([messages[0], messages[2], messages[1], messages[3]]))
+        with pytest.raises(MaildropChangedError):
+            md.verify(1)
+        md.verify(0)  # untouched
 
 
 def test_brief_update_refuses_a_journal_that_appeared(small: tuple[Path, list[bytes]]) -> None:

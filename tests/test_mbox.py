@@ -842,6 +842,11 @@ def test_property_every_listed_message_proves_itself(content, fmt, scan_window, 
         with small_windows(scan_window, 8):
             listing = mbox.scan(data, fmt, parallel_min=1 if parallel else 0)
             assert all(mbox.same_message(data, listing, i) for i in range(listing.count))
+            # From a window read at the From_ line (maildrop's one pread): the same, or None.
+            for i in range(listing.count):
+                base = max(listing.from_offset(i) - 1, 0)
+                for width in (6, 20, 200):
+                    assert mbox.same_message(data[base : base + width], listing, i, base) in (True, None)
     finally:
         limits.UID_HEADER_CAP = saved
 
@@ -853,6 +858,9 @@ def test_same_message_sees_a_permutation_of_equal_sizes():
     swapped = mbox_of(messages[0], messages[2], messages[1], messages[3])
     assert len(swapped) == len(data)
     assert [mbox.same_message(swapped, listing, i) for i in range(4)] == [True, False, False, True]
+    for i in range(4):  # a window that holds it all says the same
+        base = max(listing.from_offset(i) - 1, 0)
+        assert mbox.same_message(swapped[base : base + 4096], listing, i, base) == (i in (0, 3))
     # A message that grew moves the next From_ line: the one before it no longer ends where it did.
     longer = mbox_of(messages[0], messages[1] + b"more\n", messages[2], messages[3])
     assert [mbox.same_message(longer, listing, i) for i in range(4)] == [True, False, False, False]
