@@ -15,6 +15,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h> /* x86-64 always has SSE2: 16 octets per step */
+#endif
 
 /* [start, end) clamped to [0, len] like a slice; a negative bound is refused (ValueError), never
  * read before the buffer or counted from its end. Returns -1 with the exception set. */
@@ -42,6 +45,21 @@ count_byte(const unsigned char *s, Py_ssize_t n, unsigned char c)
     const uint64_t pattern = 0x0101010101010101ULL * c;
     Py_ssize_t i = 0, total = 0;
 
+#if defined(__SSE2__)
+    /* SSE2: a compare gives 0xff (-1) per equal byte; subtracting it counts up each byte lane of
+     * acc, for at most 255 blocks of 16; then the lanes are summed (psadbw). */
+    const __m128i wanted = _mm_set1_epi8((char)c), zero = _mm_setzero_si128();
+    while (n - i >= 16) {
+        Py_ssize_t blocks = (n - i) / 16;
+        if (blocks > 255)
+            blocks = 255;
+        __m128i acc = zero;
+        for (Py_ssize_t b = 0; b < blocks; b++, i += 16)
+            acc = _mm_sub_epi8(acc, _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i)), wanted));
+        __m128i sums = _mm_sad_epu8(acc, zero);
+        total += _mm_cvtsi128_si32(sums) + _mm_cvtsi128_si32(_mm_srli_si128(sums, 8));
+    }
+#endif
     while (n - i >= 8) {
         /* Byte lanes of acc count up to 255 words, then are summed. */
         Py_ssize_t words = (n - i) / 8;
@@ -88,6 +106,33 @@ PyDoc_STRVAR(separators_doc,
 "'From ': buffer[r:r+6] == b'\\nFrom ' and buffer[r-1] is a LF, or buffer[r-2:r] is CR LF.\n"
 "The 'From ' may lie past end (look-ahead), never past the buffer.");
 
+/* The first q in [p, stop - 1) with q[0] == LF and q[1] == 'F', or NULL. Far rarer than a LF
+ * alone (a message has a few: its separator, its "From:" header), so candidates are few. */
+static const char *
+find_lf_f(const char *p, const char *stop)
+{
+#if defined(__SSE2__)
+    const __m128i lf = _mm_set1_epi8('\n'), f = _mm_set1_epi8('F');
+    while (stop - p >= 17) { /* p[0..15] and p[1..16] are inside */
+        __m128i here = _mm_loadu_si128((const __m128i *)p);
+        __m128i next = _mm_loadu_si128((const __m128i *)(p + 1));
+        int mask = _mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi8(here, lf), _mm_cmpeq_epi8(next, f)));
+        if (mask)
+            return p + __builtin_ctz((unsigned)mask);
+        p += 16;
+    }
+#endif
+    while (stop - p >= 2) {
+        const char *lf = memchr(p, '\n', (size_t)(stop - p - 1));
+        if (lf == NULL)
+            return NULL;
+        if (lf[1] == 'F')
+            return lf;
+        p = lf + 1;
+    }
+    return NULL;
+}
+
 static PyObject *
 separators(PyObject *module, PyObject *args)
 {
@@ -110,11 +155,14 @@ separators(PyObject *module, PyObject *args)
     Py_ssize_t limit = view.len - end > 5 ? end + 5 : view.len;
     Py_ssize_t pos = start;
     while (limit - pos >= 6) {
-        const char *hit = memmem(s + pos, (size_t)(limit - pos), needle, 6);
+        const char *hit = find_lf_f(s + pos, s + limit);
         if (hit == NULL)
             break;
         Py_ssize_t r = hit - s;
-        if (r >= 1 && (s[r - 1] == '\n' || (r >= 2 && s[r - 1] == '\r' && s[r - 2] == '\n'))) {
+        if (limit - r < 6)
+            break;
+        if (memcmp(hit, needle, 6) == 0 && r >= 1
+            && (s[r - 1] == '\n' || (r >= 2 && s[r - 1] == '\r' && s[r - 2] == '\n'))) {
             PyObject *value = PyLong_FromSsize_t(r);
             if (value == NULL || PyList_Append(out, value) < 0) {
                 Py_XDECREF(value);

@@ -78,6 +78,29 @@ def test_long_buffers_and_every_word_offset():
                 assert _speedups.count_lf(buf, start, n) == buf.count(b"\n", start, n)
     # High octets never count as LF (a carry or sign bug would).
     assert _speedups.count_lf(bytes(range(256)) * 40, 0, 10240) == 40
+    # SSE2 counts 16 octets a step in runs of 255 steps (4080 octets): cross those edges too.
+    for n in (15, 16, 17, 4079, 4080, 4081, 4096, 8160, 8161, 3 * 4080 + 17):
+        buf = bytes(10 if i % 3 == 0 else 255 for i in range(n))
+        for start in (0, 1, 15, 16, 17):
+            assert _speedups.count_lf(buf, start, n) == buf.count(b"\n", start, n), (n, start)
+
+
+@needs_c
+def test_separators_at_every_offset_of_a_step():
+    """SSE2 looks for LF then "F" 16 octets a step, reading one octet ahead: a separator (LF or
+    CRLF form) at every offset around the steps' edges, near the end and past `end`, and
+    near misses ("\nFrom" without the space, "\nF" alone, a From line not after an empty line)."""
+    for sep in (b"\n\nFrom x", b"\r\n\r\nFrom x", b"\n\nFrom", b"\nFrom x", b"\n\nF"):
+        for at in range(0, 40):
+            buf = b"y" * at + sep + b"z" * (40 - at)
+            for start, end in ((0, len(buf)), (1, len(buf) - 3), (at, at + 2), (0, at + 1)):
+                end = max(start, end)
+                assert _speedups.separators(buf, start, end) == bulk.py_separators(buf, start, end), (
+                    sep,
+                    at,
+                    start,
+                    end,
+                )
     assert _speedups.count_lf(b"\x8a" * 4096, 0, 4096) == 0
 
 
