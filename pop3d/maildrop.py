@@ -383,8 +383,6 @@ class Maildrop:
         """
         if self._private is None:
             return
-        from . import mbox
-
         path = self.path
         fd = self._fd
         why = ""
@@ -392,6 +390,8 @@ class Maildrop:
             own = os.fstat(fd)  # type: ignore[arg-type]
             if _state(own) == self._quiet:
                 return  # not written since the scan: what it reads is what was listed
+            from . import mbox
+
             named = os.lstat(path)
             if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
                 why = "replaced by another file"

@@ -325,14 +325,21 @@ def _sha256_for(length: int) -> Callable[[bytes], Any]:
     faster per octet with SHA extensions; the built-in one if hashlib cannot be imported (an
     interpreter the account may not read, after the privilege drop). The same digests.
     """
+    global _openssl_sha256
     if length >= limits.MBOX_OPENSSL_SHA_MIN:
-        try:
-            import hashlib
+        if _openssl_sha256 is None:  # tried once: a failed import costs a search of sys.path
+            try:
+                import hashlib
 
-            return hashlib.sha256
-        except ImportError:
-            pass
+                _openssl_sha256 = hashlib.sha256
+            except ImportError:
+                _openssl_sha256 = False
+        if _openssl_sha256:
+            return _openssl_sha256
     return bulk.builtin_sha256()
+
+
+_openssl_sha256: Callable[[bytes], Any] | bool | None = None  # hashlib's, or False: not importable
 
 
 def _releaser(buf: Buffer) -> Callable[[int, int], None] | None:

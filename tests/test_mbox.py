@@ -867,3 +867,27 @@ def test_same_message_sees_a_permutation_of_equal_sizes():
     # Only headers a mail reader rewrites changed (Status): the same message, by its UID.
     listing = mbox.scan(mbox_of(b"Subject: a\nStatus: O\n\nx\n", b"Subject: b\n\ny\n"))
     assert mbox.same_message(mbox_of(b"Subject: a\nStatus: R\n\nx\n", b"Subject: b\n\ny\n"), listing, 0)
+
+
+def test_an_unimportable_hashlib_is_tried_once(monkeypatch):
+    """After the privilege drop the account may not read the interpreter's hashlib: same_message
+    (once per RETR with brief MDA locks) must not search sys.path for it every time."""
+    import builtins
+
+    messages = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(3)]
+    data = mbox_of(*messages)
+    listing = mbox.scan(data)
+    real_import = builtins.__import__
+    tries = []
+
+    def no_hashlib(name, *args, **kwargs):
+        if name == "hashlib":
+            tries.append(name)
+            raise ImportError("not readable by this account")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(limits, "MBOX_OPENSSL_SHA_MIN", 1)  # this small spool asks for hashlib
+    monkeypatch.setattr(mbox, "_openssl_sha256", None, raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_hashlib)
+    assert all(mbox.same_message(data, listing, i) for i in range(3) for _ in range(5))
+    assert tries == ["hashlib"]
