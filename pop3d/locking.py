@@ -5,9 +5,11 @@ dotlock `<mbox>.lock` beside the mailbox plus an fcntl lock on the mailbox itsel
 configured methods in order, each attempt non-blocking, and drop everything we hold before
 sleeping, so a process that takes the same locks in another order can never deadlock with us.
 
-The dotlock is created NFS-safely (liblockfile's algorithm): a uniquely named temporary file in
-the same directory is `link()`ed to the lock name, and success is judged by the temporary file's
-link count (2), never by link()'s return value (an NFS retransmission can report EEXIST for a link
+The dotlock is a file that already holds its content, linked to the lock name: an anonymous
+`O_TMPFILE` file where the file system has them (a process killed before the link leaves nothing
+behind); on NFS, liblockfile's NFS-safe algorithm: a uniquely named temporary file in the same
+directory is `link()`ed to the lock name, and success is judged by the temporary file's link
+count (2), never by link()'s return value (an NFS retransmission can report EEXIST for a link
 that was made). The lock holds `<pid>:<host>` and a newline, as Dovecot writes it: liblockfile
 (`dotlockfile -p`) reads the pid with atoi() and stops at the colon, Dovecot trusts the pid only
 when the host is its own, and so do we.
@@ -192,6 +194,7 @@ class MailboxLock:
 
     __slots__ = (
         "_acquired",
+        "_anonymous",
         "_dot_content",
         "_dot_fd",
         "_dot_id",
@@ -233,6 +236,7 @@ class MailboxLock:
         self._held: list[str] = []
         self._dot_fd = -1
         self._dot_id = (0, 0)
+        self._anonymous = True  # O_TMPFILE until the file system says it has none (NFS)
         self._dot_content = b""
         self.busy_method = ""  # which lock was busy in the last failed round (for the log)
         self._acquired = False
@@ -275,19 +279,19 @@ class MailboxLock:
 
     def _try_dotlock(self) -> bool:
         directory = os.path.dirname(self.lock_path) or "."
-        tag = f"{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}"
-        tmp = names.own(self.path, f"{names.DOTLOCK_TEMP}-{tag}")
         content = b"%d:%s\n" % (os.getpid(), _host_name().encode("ascii", "surrogateescape"))
         for _ in range(2):  # a second try right after breaking a stale lock
+            fd, tmp = self._new_lock_file(directory, content)
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise self._dotlock_error(e, directory) from e
-            try:
-                os.write(fd, content)
                 link_error: OSError | None = None
                 try:
-                    os.link(tmp, self.lock_path)
+                    if tmp is not None:
+                        os.link(tmp, self.lock_path)
+                    else:
+                        # An anonymous file is linked through its /proc name, which linkat must
+                        # follow: Python calls linkat (AT_SYMLINK_FOLLOW), not link(), only
+                        # when given a directory fd (ignored for an absolute path).
+                        os.link(f"/proc/self/fd/{fd}", self.lock_path, src_dir_fd=fd)
                 except OSError as e:
                     link_error = e
                 st = os.fstat(fd)  # judged by the link count, whatever link() said
@@ -295,22 +299,67 @@ class MailboxLock:
                 os.close(fd)
                 raise
             finally:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-            if st.st_nlink == 2:
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except FileNotFoundError:
+                        pass
+            if st.st_nlink == (2 if tmp is not None else 1):
                 self._dot_fd = fd
                 self._dot_id = (st.st_dev, st.st_ino)
                 self._dot_content = content
                 return True
             os.close(fd)
+            if tmp is None and link_error is not None and link_error.errno == errno.ENOENT:
+                self._anonymous = False  # no /proc: named temporaries from now on
+                continue
             if link_error is not None and link_error.errno != errno.EEXIST:
                 raise self._dotlock_error(link_error, directory)
-            # Our temp file's mtime is the file system's "now": no clock skew with an NFS server.
+            # The new file's mtime is the file system's "now": no clock skew with an NFS server.
             if not self._break_if_stale(st.st_mtime):
                 return False
         return False
+
+    def _new_lock_file(self, directory: str, content: bytes) -> tuple[int, str | None]:
+        """A file holding `content`, to be linked to the lock name: (descriptor, its temporary
+        name, or None when it has none).
+
+        Anonymous (O_TMPFILE) where the file system allows it, so that a process killed before
+        the link leaves nothing behind. Otherwise (NFS has no O_TMPFILE) a uniquely named
+        temporary in pop3d's own namespace, made NFS-safely as liblockfile does and removed
+        right after the link; a process killed between the two leaves it, named after its host
+        and pid.
+        """
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if self._anonymous:
+            try:
+                fd = os.open(directory, flags | os.O_TMPFILE, 0o644)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise self._dotlock_error(e, directory) from e
+                self._anonymous = False
+            else:
+                return self._filled(fd, content), None
+        tag = f"{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp = names.own(self.path, f"{names.DOTLOCK_TEMP}-{tag}")
+        try:
+            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise self._dotlock_error(e, directory) from e
+        try:
+            return self._filled(fd, content), tmp
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def _filled(fd: int, content: bytes) -> int:
+        try:
+            os.write(fd, content)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _dotlock_error(self, e: OSError, directory: str) -> LockError:
         if e.errno == errno.EACCES:

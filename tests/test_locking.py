@@ -98,6 +98,46 @@ def test_dotlock_holds_our_pid_and_leaves_nothing_behind(mbox: Path) -> None:
     assert not lock.held and not lock.verify()
 
 
+KILLED_BEFORE_THE_LINK = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pop3d import locking
+
+    def link(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # a session killed between creating and linking
+
+    locking.os.link = link
+    locking.MailboxLock(sys.argv[1], None, ("dotlock",), 1.0).acquire()
+    """
+)
+
+
+def test_a_session_killed_while_taking_the_dotlock_leaves_no_file(mbox: Path) -> None:
+    """The file linked to the lock name is anonymous (O_TMPFILE) until the link: a process
+    killed before it leaves nothing in the spool directory, which no one would remove."""
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_THE_LINK, str(mbox)],
+        capture_output=True,
+        timeout=30,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    assert done.returncode == -9, done.stderr
+    assert leftovers(mbox.parent, {"alice"}) == set()
+
+
+def test_without_anonymous_files_a_named_temporary_is_linked_and_removed(mbox: Path) -> None:
+    """NFS has no O_TMPFILE: then liblockfile's way, a unique name in pop3d's namespace."""
+    lock = MailboxLock(str(mbox), None, ("dotlock",))
+    lock._anonymous = False
+    lock.acquire()
+    try:
+        assert Path(str(mbox) + ".lock").read_bytes() == our_content()
+        assert leftovers(mbox.parent, {"alice", "alice.lock"}) == set()
+    finally:
+        lock.release()
+    assert leftovers(mbox.parent, {"alice"}) == set()
+
+
 def test_unknown_or_repeated_method_is_refused(mbox: Path) -> None:
     with pytest.raises(ValueError):
         MailboxLock(str(mbox), None, ("dotlock", "lockf"))
