@@ -1,10 +1,10 @@
 """Polls, per --sizes: what a client that leaves mail on the server does every few minutes (log in,
 UIDL, QUIT; timed from connect to QUIT's reply), beside popa3d and Dovecot.
 
-- "poll, index off": pop3d without its index (`index_dir` empty): every poll scans the spool.
-  Today's cost, which a first poll with the index must not exceed.
-- "poll, first (no index yet)": a fresh copy of the spool, nothing remembered: pop3d scans and
-  writes its index; Dovecot builds its own (its "first" figure).
+- "poll, index off": a fresh copy of the spool, polled by pop3d without its index (`index_dir`
+  empty), which scans it as every poll did before: the cost a first poll must not exceed.
+- "poll, first (no index yet)": the same with the index: pop3d scans and writes its index;
+  Dovecot builds its own (its "first" figure).
 - "poll, unchanged spool": the same spool again: pop3d and Dovecot answer from their indexes.
 - "poll after one delivery": an MDA appended one message (dotlock + fcntl, `spools.deliver`)
   just before the poll.
@@ -94,17 +94,16 @@ def _one_size(
     scanned = _Uids()  # pop3d's without the index (a full scan every time): the reference
     seen = _Uids()  # every polled server's, from one poll to the next
 
-    def index_off(s: Server) -> float:
-        dt, uids = poll_uids(s, spool)
-        (scanned if s is plain else seen).check(s, uids)
-        return dt
-
-    def first(s: Server) -> float:
+    def fresh(s: Server) -> float:
+        """A fresh copy, nothing remembered: the same for the index off and a first poll."""
         ctx.place(spool, [s])
         s.forget()
         dt, uids = poll_uids(s, spool)
-        seen.by_server.pop(s.name, None)  # a fresh copy: Dovecot numbers it afresh
-        seen.check(s, uids)
+        if s is plain:
+            scanned.check(s, uids)
+        else:
+            seen.by_server.pop(s.name, None)  # Dovecot numbers a fresh copy afresh
+            seen.check(s, uids)
         if s is indexed:
             scanned.check(plain, uids)  # the index gives what the scan gave
         return dt
@@ -122,11 +121,9 @@ def _one_size(
         seen.check(s, uids, added=1)
         return dt
 
-    ctx.place(spool, [plain, *peers])
-    off = [plain, *ctx.servers_named("popa3d")]
     for figure, fn, servers in (
-        (INDEX_OFF, index_off, off),
-        (FIRST, first, polled),
+        (INDEX_OFF, fresh, [plain, *ctx.servers_named("popa3d")]),
+        (FIRST, fresh, polled),
         (UNCHANGED, unchanged, polled),
         (DELIVERED, delivered, polled),
     ):
