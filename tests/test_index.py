@@ -588,12 +588,13 @@ class IndexMachine(RuleBasedStateMachine):
         directory = self.env.base / "index" / str(self.env.account.pw_uid)
         return Path(index.file_for(str(directory), "alice"))
 
-    def open(self) -> maildrop.Maildrop:
+    def open(self, mda_locks: str = "session") -> maildrop.Maildrop:
         return maildrop.Maildrop.open(
             str(self.path),
             locks=("dotlock", "fcntl"),
             lock_timeout=5,
             log=lambda line: None,
+            mda_locks=mda_locks,
             index=str(self.index_file),
         )
 
@@ -616,26 +617,34 @@ class IndexMachine(RuleBasedStateMachine):
 
     @rule(mail=st.lists(_message(), min_size=1, max_size=3), sloppy=st.booleans())
     def mda_appends(self, mail: list[bytes], sloppy: bool) -> None:
-        data = mbox_bytes(mail)
         with as_account(self.env):
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            lock = MailboxLock(str(self.path), fd, ("dotlock", "fcntl"), 5.0)
-            try:
-                lock.acquire()
-                os.write(fd, data[:-1] if sloppy else data)  # sloppy: no final blank line
-            finally:
-                lock.release()
-                os.close(fd)
+            self.deliver(mail, sloppy)
 
-    @rule(data=st.data())
-    def pop3d_update(self, data: st.DataObject) -> None:
+    def deliver(self, mail: list[bytes], sloppy: bool = False) -> None:
+        """An MDA's append under its locks (as the account: the caller's business)."""
+        data = mbox_bytes(mail)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        lock = MailboxLock(str(self.path), fd, ("dotlock", "fcntl"), 5.0)
+        try:
+            lock.acquire()
+            os.write(fd, data[:-1] if sloppy else data)  # sloppy: no final blank line
+        finally:
+            lock.release()
+            os.close(fd)
+
+    @rule(data=st.data(), brief=st.booleans(), mail=st.lists(_message(), max_size=2))
+    def pop3d_update(self, data: st.DataObject, brief: bool, mail: list[bytes]) -> None:
+        """A session that deletes some messages; with mda_locks = brief, an MDA may deliver
+        `mail` between its scan and its update (which keeps it, and indexes it)."""
         with as_account(self.env):
             try:
-                md = self.open()
+                md = self.open("brief" if brief else "session")
             except maildrop.MaildropFormatError:
                 return
             with md:
                 deleted = data.draw(st.sets(st.integers(0, max(md.listing.count - 1, 0))))
+                if brief and mail:
+                    self.deliver(mail)
                 md.commit(deleted & set(range(md.listing.count)))
 
     @precondition(lambda self: self.real_sessions < 1)
