@@ -10,16 +10,27 @@ The dotlock is a file that already holds its content, linked to the lock name: a
 behind); on NFS, liblockfile's NFS-safe algorithm: a uniquely named temporary file in the same
 directory is `link()`ed to the lock name, and success is judged by the temporary file's link
 count (2), never by link()'s return value (an NFS retransmission can report EEXIST for a link
-that was made). The lock holds `<pid>:<host>` and a newline, as Dovecot writes it: liblockfile
-(`dotlockfile -p`) reads the pid with atoi() and stops at the colon, Dovecot trusts the pid only
-when the host is its own, and so do we.
+that was made). The lock holds `<pid>:<host>:<boot id>:<pid namespace>` and a newline: liblockfile
+(`dotlockfile -p`) reads the pid with atoi() and stops at the first colon; Dovecot trusts the
+pid only when everything after that colon is its own host name, so to it this lock is another
+host's (judged by its age, as Dovecot judges every lock it cannot prove local).
 
 A dotlock is stale (and broken, if it looks like a lock: see `_read_lock`) when it was left
-untouched for `stale` seconds (every MDA's rule), or, for a lock made on this host, as soon as
-its pid is not a running process (liblockfile's rule) or it is older than this host's boot (a
-power cut leaves the lock empty: no pid was synced). "Made on this host": it names our host, or
-it names none and the spool directory's file system is a local one this host does not export
-over NFS (`_local_directory`). A lock of another host is only ever broken by the first rule.
+untouched for `stale` seconds (every MDA's rule), or, judged by what it names (`_stale`):
+- pop3d's own lock naming this host: made during another boot (its boot id is not this boot's;
+  on a shared file system only if also older than this boot), or made in this pid namespace by
+  a process that is not running. A lock of another pid namespace (a container on this kernel)
+  has pids that mean nothing here: judged by age only. No clock is involved: exact.
+- `pid:host` naming this host (Dovecot, pop3d before the boot id): its pid is not running.
+- only a pid (liblockfile, procmail's "0") or nothing (Postfix, Exim, a power cut): older than
+  this kernel's boot (/proc/stat's btime), and only on a file system local to this kernel
+  (`_local_directory`), where no process that made it can still run. Never by its pid: a
+  process of another pid namespace (a container) may hold it, and its pid means nothing here.
+- any other host's lock: by age only.
+Host names must therefore be unique among the hosts (and containers with their own pid
+namespace) that share a spool directory. btime moves when the clock is stepped (a host without
+a real-time clock syncing after boot): a foreign lock taken before the step may then look older
+than boot; pop3d's own locks do not depend on it.
 
 Creating the dotlock needs write access to the spool directory. Debian's `/var/mail` is
 `root:mail 2775`: the session must keep group `mail` when it drops to the user (as Debian's MDAs
@@ -75,6 +86,49 @@ def _boot_time() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+_BOOT_ID: list[str | None] = []  # this boot's id, read once per process
+
+
+def _this_boot() -> str | None:
+    """This boot's random id (/proc/sys/kernel/random/boot_id: a new one at every boot, the same
+    in every container on this kernel), or None if unknown."""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                text = f.read(64).strip().decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        _BOOT_ID.append(text if _is_boot_id(text) else None)
+    return _BOOT_ID[0]
+
+
+def _is_boot_id(text: str) -> bool:
+    """True for a boot id as the kernel writes it: a UUID in lower-case hexadecimal."""
+    return (
+        len(text) == 36
+        and not text.strip("0123456789abcdef-")
+        and text[8] == text[13] == text[18] == text[23] == "-"
+    )
+
+
+def _pid_namespace() -> int | None:
+    """The identity (nsfs inode) of the pid namespace our pids are numbers in, or None."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _lock_content(pid: int) -> bytes:
+    """What our dotlock holds: `pid:host:boot id:pid namespace` and a newline, or Dovecot's
+    `pid:host` where this boot or namespace cannot be named."""
+    host = _host_name().encode("ascii", "surrogateescape")
+    boot, pidns = _this_boot(), _pid_namespace()
+    if boot is None or pidns is None:
+        return b"%d:%s\n" % (pid, host)
+    return b"%d:%s:%s:%d\n" % (pid, host, boot.encode(), pidns)
 
 
 def process_running(pid: int) -> bool:
@@ -161,13 +215,20 @@ def _read_lock(lock_path: str) -> tuple[os.stat_result, bytes | None]:
     return st, content
 
 
-def _lock_owner(content: bytes) -> tuple[int, str] | None:
-    """(pid, host) written in a lock (0 and "" where absent), or None if it is no lock content."""
+def _lock_owner(content: bytes) -> tuple[int, str, str, int] | None:
+    """Who made a lock with this content, (pid, host, boot id, pid namespace) with 0 or ""
+    where it says nothing, or None if it is no lock content. Content: empty, `pid`, `pid:host`
+    (Dovecot; a host name may hold a colon) or pop3d's `pid:host:boot id:pid namespace`."""
     line = content[:-1] if content.endswith(b"\n") else content
-    pid, colon, host = line.partition(b":")
-    if b"\n" in line or b"\0" in line or (pid and not pid.isdigit()) or (colon and not (pid and host)):
+    pid, colon, rest = line.partition(b":")
+    if b"\n" in line or b"\0" in line or (pid and not pid.isdigit()) or (colon and not (pid and rest)):
         return None
-    return int(pid or b"0"), host.decode("ascii", "surrogateescape")
+    host = rest.decode("ascii", "surrogateescape")
+    head, _, pidns = host.rpartition(":")
+    named, _, boot = head.rpartition(":")
+    if named and pidns.isdigit() and _is_boot_id(boot):
+        return int(pid), named, boot, int(pidns)
+    return int(pid or b"0"), host, "", 0
 
 
 def _retry(attempt: Callable[[], bool], timeout: float) -> bool:
@@ -202,6 +263,7 @@ class MailboxLock:
         "_held",
         "_local",
         "_log",
+        "_namesake",
         "busy_method",
         "fd",
         "lock_path",
@@ -241,6 +303,7 @@ class MailboxLock:
         self.busy_method = ""  # which lock was busy in the last failed round (for the log)
         self._acquired = False
         self._doubted = False  # logged once: a file at the dotlock's name that is no lock
+        self._namesake = False  # logged once: a lock of another boot of a host of our name
         self._local: bool | None = None  # _local_directory of the spool's directory, once asked
 
     # ------------------------------------------------------------------ acquire
@@ -279,7 +342,7 @@ class MailboxLock:
 
     def _try_dotlock(self) -> bool:
         directory = os.path.dirname(self.lock_path) or "."
-        content = b"%d:%s\n" % (os.getpid(), _host_name().encode("ascii", "surrogateescape"))
+        content = _lock_content(os.getpid())
         for _ in range(2):  # a second try right after breaking a stale lock
             fd, tmp = self._new_lock_file(directory, content)
             try:
@@ -412,21 +475,46 @@ class MailboxLock:
         age = fs_now - st.st_mtime
         if age > self.stale:
             return f"untouched for {age:.0f} s > {self.stale:g} s"
-        pid, host = _lock_owner(content) or (0, "")
-        if host:
-            here = host == _host_name()
-        else:
-            if self._local is None:
-                self._local = _local_directory(os.path.dirname(self.lock_path) or ".")
-            here = self._local
-        if not here:
-            return None
-        boot = _boot_time()
-        if boot is not None and st.st_mtime < boot:
+        pid, host, boot, pidns = _lock_owner(content) or (0, "", "", 0)
+        if host and host != _host_name():
+            return None  # another host's: its pids and boot mean nothing here
+        if boot:
+            return self._own_stale(st, pid, boot, pidns)
+        if host and pid > 0:
+            return None if process_running(pid) else f"its process {pid} is not running on this host"
+        if self._local_here() and st.st_mtime < (_boot_time() or 0.0):
             return "made before this host booted"
+        return None
+
+    def _own_stale(self, st: os.stat_result, pid: int, boot: str, pidns: int) -> str | None:
+        """Why a lock pop3d made on a host of our name is stale, or None: exact, by the boot
+        and the pid namespace it names, then by its pid."""
+        this_boot = _this_boot()
+        if this_boot is None:
+            return None
+        if boot != this_boot:
+            if self._local_here():
+                return "made before this host's current boot"
+            if st.st_mtime < (_boot_time() or 0.0):
+                return "made before this host booted"
+            if not self._namesake:
+                self._namesake = True
+                self._log(
+                    f"{self.lock_path} names this host but another boot, and is younger than this "
+                    "boot: does another host share this host name? Judged by its age only"
+                )
+            return None
+        if pidns != _pid_namespace():
+            return None  # another pid namespace on this kernel (a container): pids differ
         if pid > 0 and not process_running(pid):
             return f"its process {pid} is not running on this host"
         return None
+
+    def _local_here(self) -> bool:
+        """Whether the spool directory's file system is written by this kernel alone."""
+        if self._local is None:
+            self._local = _local_directory(os.path.dirname(self.lock_path) or ".")
+        return self._local
 
     def _try_fcntl(self) -> bool:
         import fcntl
@@ -480,7 +568,7 @@ class MailboxLock:
             st = os.lstat(self.lock_path)
             if (st.st_dev, st.st_ino) != self._dot_id:
                 return False
-            return os.pread(self._dot_fd, 64, 0) == self._dot_content
+            return os.pread(self._dot_fd, limits.DOTLOCK_MAX_SIZE + 1, 0) == self._dot_content
         except OSError:
             return False
 

@@ -29,6 +29,41 @@ PASSWORD = "s3cret pass"
 IO_TIMEOUT = 20.0
 
 
+def dotlock_content(pid: int) -> bytes:
+    """What a dotlock pop3d takes on this host holds: `pid:host:boot id:pid namespace` and a
+    newline (liblockfile reads the pid; to Dovecot the rest is not its host name)."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
+    pidns = os.stat("/proc/self/ns/pid").st_ino
+    return b"%d:%s:%s:%d\n" % (pid, os.uname().nodename.encode(), boot, pidns)
+
+
+UNSHARE = shutil.which("unshare")
+needs_pid_namespaces = pytest.mark.skipif(
+    not IS_ROOT or UNSHARE is None, reason="needs root and unshare (util-linux): a pid namespace of its own"
+)
+
+
+def in_pid_namespace(script: str, *args: str, hostname: str | None = None) -> subprocess.Popen[bytes]:
+    """`sh -c script sh args...` in a pid namespace of its own (and with `hostname`, in a UTS
+    namespace with that host name), like an MDA in a container sharing the spool directory.
+    Its pids there start after a number whose next pids run no process here, so that a pid it
+    writes is certainly not a live process of this namespace. stdin and stdout are pipes."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    base = pid_max // 2
+    while any(Path(f"/proc/{pid}").exists() for pid in range(base + 1, base + 17)):
+        base += 17
+    rename = f"hostname {hostname} && " if hostname else ""
+    outer = f'{rename}echo {base} >/proc/sys/kernel/ns_last_pid && sh -c "$0" sh "$@"'
+    namespaces = ["--pid", "--fork", "--mount-proc", *(["--uts"] if hostname else [])]
+    return subprocess.Popen(
+        [UNSHARE, *namespaces, "sh", "-c", outer, script, *args],  # type: ignore[list-item]
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=str(ROOT),
+        env=child_env(),
+    )
+
+
 def mbox_bytes(messages: list[bytes], sender: bytes = b"MAILER-DAEMON") -> bytes:
     """An mbox as an MDA writes it: From_ line, the message, one blank separator line."""
     out = bytearray()

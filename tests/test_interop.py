@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, Pop3Env, mbox_bytes, sample_messages, wait_for
+from conftest import (
+    PASSWORD,
+    Pop3Env,
+    dotlock_content,
+    in_pid_namespace,
+    mbox_bytes,
+    needs_pid_namespaces,
+    sample_messages,
+    wait_for,
+)
 
 DOTLOCKFILE = shutil.which("dotlockfile")
 PROCMAIL = shutil.which("procmail")
@@ -103,7 +112,7 @@ def test_session_lock_makes_dotlockfile_fail(env: Pop3Env) -> None:
     path = env.write_spool(mbox_bytes(sample_messages()))
     lock = f"{path}.lock"
     client = login(env)
-    assert Path(lock).read_text() == f"{client.proc.pid}:{os.uname().nodename}\n"
+    assert Path(lock).read_bytes() == dotlock_content(client.proc.pid)
     assert dotlockfile("-r", "0", "-l", lock) != 0
     assert dotlockfile("-p", "-r", "0", "-l", lock) != 0  # the pid in it is alive
     client.quit()
@@ -188,6 +197,45 @@ def test_session_killed_with_sigkill_does_not_lock_its_user_out(env: Pop3Env) ->
     assert second.proc.wait(timeout=20) == 0
     assert path.read_bytes() == data and leftovers(path) == []
     assert f"its process {holder} is not running on this host" in env.log_text()
+
+
+@needs_dotlockfile
+@needs_pid_namespaces
+@pytest.mark.parametrize("hostname", ["other-container", os.uname().nodename])
+def test_live_lock_of_a_container_mda_is_not_broken(env: Pop3Env, hostname: str) -> None:
+    """Review F2: `dotlockfile -p` (liblockfile, as procmail's and mutt's peers write it: a bare
+    pid) run in another pid namespace holds the lock while it delivers. Its pid is no process
+    here, which proves nothing: the login waits and gets [IN-USE], the lock stays. Before, pop3d
+    broke it at once ("its process ... is not running on this host"), with or without a host
+    name of the container's own."""
+    data = mbox_bytes(sample_messages())
+    path = env.write_spool(data)
+    lock = Path(f"{path}.lock")
+    holder = in_pid_namespace(
+        f'{DOTLOCKFILE} -p -l "$1" && echo locked && read line; {DOTLOCKFILE} -u "$1"',
+        str(lock),
+        hostname=hostname,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        held = lock.read_bytes()
+        assert not Path(f"/proc/{int(held)}").exists()  # the delivering shell is no process here
+        client = env.client()
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            client.pass_(PASSWORD)
+        assert client.proc.wait(timeout=20) == 0
+        assert lock.read_bytes() == held and "broke stale" not in env.log_text()
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        holder.stdout.close()
+    assert not lock.exists()  # released by its holder
+    client = login(env)
+    assert client.stat()[0] == len(sample_messages())
+    client.quit()
+    assert path.read_bytes() == data
 
 
 @pytest.mark.parametrize("content", [b"", b"12345:other-host.example.org\n"])

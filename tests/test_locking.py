@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import dotlock_content, in_pid_namespace, needs_pid_namespaces
 
 from pop3d.locking import LockError, LockPermissionError, LockTimeoutError, MailboxLock
 
@@ -68,8 +69,8 @@ def mbox(tmp_path: Path) -> Path:
 
 
 def our_content(pid: int | None = None) -> bytes:
-    """What our dotlock holds: `<pid>:<host>` and a newline."""
-    return b"%d:%s\n" % (os.getpid() if pid is None else pid, os.uname().nodename.encode())
+    """What our dotlock holds: `<pid>:<host>:<boot id>:<pid namespace>` and a newline."""
+    return dotlock_content(os.getpid() if pid is None else pid)
 
 
 def leftovers(directory: Path, keep: set[str]) -> set[str]:
@@ -87,7 +88,7 @@ def test_dotlock_holds_our_pid_and_leaves_nothing_behind(mbox: Path) -> None:
     lock.acquire()
     try:
         lock_file = Path(str(mbox) + ".lock")
-        assert lock_file.read_bytes() == our_content()  # pid:host, as Dovecot writes it
+        assert lock_file.read_bytes() == our_content()
         assert leftovers(mbox.parent, {"alice", "alice.lock"}) == set()  # temp name removed
         assert lock.held and lock.verify()
     finally:
@@ -301,17 +302,156 @@ def take(mbox: Path, messages: list[str], timeout: float = 2) -> None:
     lock.release()
 
 
-@pytest.mark.parametrize("form", ["ours", "liblockfile"])
+@pytest.mark.parametrize("form", ["ours", "dovecot"])
 def test_dotlock_of_a_dead_process_here_is_stale_at_once(mbox: Path, form: str) -> None:
-    """liblockfile's rule: a lock whose process is not running on this host is stale, whatever its
-    age. Ours name the host; a lock naming none (liblockfile's `pid\\n`) is judged so too because
-    the spool directory is on a local file system this host does not export."""
+    """liblockfile's rule, for the locks that say where their pid is a pid: a lock whose process
+    is not running is stale at once, whatever its age. Ours name this host, this boot and this
+    pid namespace; Dovecot's `pid:host` (no newline) names this host."""
     pid = dead_pid()
     lock_name = Path(str(mbox) + ".lock")
-    plant(lock_name, our_content(pid) if form == "ours" else b"%d\n" % pid)
+    plant(lock_name, our_content(pid) if form == "ours" else b"%d:%s" % (pid, os.uname().nodename.encode()))
     messages: list[str] = []
     take(mbox, messages)
     assert any(f"process {pid} is not running" in m for m in messages), messages
+
+
+def test_bare_pid_is_never_judged_by_our_pids(mbox: Path) -> None:
+    """Review F2: liblockfile's `pid\n` says nothing of the pid namespace it was written in (a
+    container's MDA on a shared spool directory): a pid not running here proves nothing, the
+    lock holds until stale_lock (or this host's boot, below)."""
+    lock_name = Path(str(mbox) + ".lock")
+    bare = b"%d\n" % dead_pid()
+    plant(lock_name, bare)
+    with pytest.raises(LockTimeoutError):
+        take(mbox, [], timeout=0.3)
+    assert lock_name.read_bytes() == bare
+
+
+def other_boot() -> str:
+    """A boot id that is not this boot's."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ("1" if boot[0] == "0" else "0") + boot[1:]
+
+
+def test_our_lock_of_an_earlier_boot_is_stale_at_once(mbox: Path) -> None:
+    """Review F5: the boot id in our lock says exactly whether it was made during this boot; no
+    clock is read. A lock of an earlier boot, whatever its time and even if its pid runs now (a
+    reused pid), is stale at once on this local file system."""
+    lock_name = Path(str(mbox) + ".lock")
+    earlier = b"%d:%s:%s:%d\n" % (
+        os.getppid(),
+        os.uname().nodename.encode(),
+        other_boot().encode(),
+        os.stat("/proc/self/ns/pid").st_ino,
+    )
+    plant(lock_name, earlier)
+    messages: list[str] = []
+    take(mbox, messages)
+    assert any("before this host's current boot" in m for m in messages), messages
+
+
+def test_our_lock_of_another_pid_namespace_is_judged_by_age(mbox: Path) -> None:
+    """A lock pop3d made in another pid namespace of this kernel (a container with our host
+    name): its pid is no pid here, so it holds until stale_lock."""
+    lock_name = Path(str(mbox) + ".lock")
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    theirs = b"%d:%s:%s:%d\n" % (
+        dead_pid(),
+        os.uname().nodename.encode(),
+        boot.encode(),
+        os.stat("/proc/self/ns/pid").st_ino + 1,
+    )
+    plant(lock_name, theirs)
+    with pytest.raises(LockTimeoutError):
+        take(mbox, [], timeout=0.3)
+    assert lock_name.read_bytes() == theirs
+
+
+def test_namesake_of_another_boot_on_a_shared_file_system(mbox: Path) -> None:
+    """On a shared file system a lock naming our host but another boot is our earlier boot's
+    only if it is older than this boot; a younger one is a host using our name (cloned VMs):
+    judged by age only, with a log line."""
+    lock_name = Path(str(mbox) + ".lock")
+    theirs = b"%d:%s:%s:%d\n" % (
+        dead_pid(),
+        os.uname().nodename.encode(),
+        other_boot().encode(),
+        os.stat("/proc/self/ns/pid").st_ino,
+    )
+    for mtime, broken in ((None, False), (boot_time() - 1, True)):
+        plant(lock_name, theirs, mtime)
+        messages: list[str] = []
+        lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=0.3, stale=1e9, log=messages.append)
+        lock._local = False  # as on NFS
+        if broken:
+            lock.acquire()
+            lock.release()
+            assert any("made before this host booted" in m for m in messages), messages
+        else:
+            with pytest.raises(LockTimeoutError):
+                lock.acquire()
+            assert lock_name.read_bytes() == theirs
+            assert any("another host share this host name" in m for m in messages), messages
+
+
+HELD_UNTIL_STDIN_CLOSES = textwrap.dedent(
+    """
+    import sys
+    from pop3d.locking import MailboxLock
+    lock = MailboxLock(sys.argv[1], None, ("dotlock",), 5.0)
+    lock.acquire()
+    print("locked", flush=True)
+    sys.stdin.read()
+    lock.release()
+    """
+)
+
+
+@needs_pid_namespaces
+def test_our_live_lock_in_another_pid_namespace_is_respected(mbox: Path) -> None:
+    """Review F2: a pop3d in a container of this kernel that shares our host name (no UTS
+    namespace of its own) holds the lock; its pid is no process here. Before, the lock named
+    this host and was broken at once by its pid; it names its pid namespace now."""
+    holder = in_pid_namespace(f'exec "{sys.executable}" -c "$1" "$2"', HELD_UNTIL_STDIN_CLOSES, str(mbox))
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        lock_name = Path(str(mbox) + ".lock")
+        held = lock_name.read_bytes()
+        pid = int(held.split(b":")[0])
+        assert not Path(f"/proc/{pid}").exists()  # no such process in this pid namespace
+        messages: list[str] = []
+        with pytest.raises(LockTimeoutError):
+            take(mbox, messages, timeout=0.5)
+        assert lock_name.read_bytes() == held and not messages
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        holder.stdout.close()
+
+
+def test_our_live_lock_older_than_boot_is_respected(mbox: Path) -> None:
+    """Review F5: when the clock is stepped forward after boot (a host without a real-time clock
+    syncing with NTP), /proc/stat's btime moves forward with it, and a lock taken before the
+    step looks older than boot. Ours are judged by boot id and pid, never by that time."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HELD_UNTIL_STDIN_CLOSES, str(mbox)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        lock_name = Path(str(mbox) + ".lock")
+        plant(lock_name, lock_name.read_bytes(), boot_time() - 1)  # as after a clock step
+        with pytest.raises(LockTimeoutError):
+            take(mbox, [], timeout=0.3)
+        assert lock_name.read_bytes() == our_content(holder.pid)
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        holder.stdout.close()
 
 
 def test_dotlock_of_a_zombie_is_stale(mbox: Path) -> None:
@@ -343,11 +483,13 @@ def wait_for_zombie(pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("content", [b"", b"0\n", b"0"])
+@pytest.mark.parametrize("content", [b"", b"0\n", b"0", b"liblockfile"])
 def test_dotlock_older_than_boot_is_stale(mbox: Path, content: bytes) -> None:
     """After a power cut the dotlock survives empty (its pid was never synced): older than this
-    host's boot, no process that made it can still run."""
+    host's boot, no process that made it can still run, in any pid namespace of this kernel."""
     lock_name = Path(str(mbox) + ".lock")
+    if content == b"liblockfile":
+        content = b"%d\n" % os.getppid()  # a running pid proves nothing either way
     plant(lock_name, content, boot_time() - 1)
     messages: list[str] = []
     take(mbox, messages)
@@ -382,10 +524,10 @@ def test_dotlock_of_another_host_is_judged_by_age_only(mbox: Path) -> None:
 
 
 @needs_dotlockfile
-def test_dotlockfile_breaks_the_lock_of_a_killed_session_and_we_break_its(mbox: Path) -> None:
-    """Interop both ways with liblockfile's pid check (`dotlockfile -p`): it reads the pid in our
-    `pid:host` lock and breaks it once that process is gone; we break the `pid\\n` lock that a
-    `dotlockfile -p` run from a shell that has exited leaves behind."""
+def test_dotlockfile_breaks_the_lock_of_a_killed_session_and_we_break_its_by_age(mbox: Path) -> None:
+    """Interop both ways with liblockfile's pid check (`dotlockfile -p`): it reads the pid at the
+    start of our lock (atoi stops at the colon) and breaks it once that process is gone. The bare
+    `pid\n` a `dotlockfile -p` leaves behind names no pid namespace: we break it by its age."""
     lock_name = str(mbox) + ".lock"
     pid = os.fork()
     if pid == 0:
@@ -401,9 +543,14 @@ def test_dotlockfile_breaks_the_lock_of_a_killed_session_and_we_break_its(mbox: 
     )
     assert shell.returncode == 0
     assert Path(lock_name).read_bytes() == shell.stdout  # the shell's pid; the shell has exited
+    with pytest.raises(LockTimeoutError):
+        take(mbox, [], timeout=0.3)
+    plant(Path(lock_name), shell.stdout, time.time() - 30)
     messages: list[str] = []
-    take(mbox, messages)
-    assert any("is not running" in m for m in messages), messages
+    lock = MailboxLock(str(mbox), None, ("dotlock",), timeout=2, stale=10, log=messages.append)
+    lock.acquire()
+    lock.release()
+    assert any("untouched for" in m for m in messages), messages
 
 
 def test_verify_detects_a_broken_and_replaced_dotlock(mbox: Path) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import dotlock_content, wait_for
 
 from pop3d import names as pop3d_names
 from pop3d import update as update_module
@@ -128,10 +128,7 @@ def test_open_lists_and_streams_messages(small: tuple[Path, list[bytes]]) -> Non
     path, messages = small
     with Maildrop.open(str(path)) as md:
         assert md.listing.count == len(messages)
-        assert Path(str(path) + ".lock").read_bytes() == b"%d:%s\n" % (
-            os.getpid(),
-            os.uname().nodename.encode(),
-        )
+        assert Path(str(path) + ".lock").read_bytes() == dotlock_content(os.getpid())
         for i, raw in enumerate(messages):
             sent = b"".join(md.iter_message(i))
             assert len(sent) == md.listing.size(i)
