@@ -3,8 +3,13 @@
 The rule (docs/DATA-SAFETY.md, "Names and derived files"): a spool's file name is never in the
 *reserved namespace*, and every file pop3d or an MDA derives from a spool is in it:
 
-- `reserved(name)` is true for names starting with `.` and for the dotlock names every MDA uses,
-  `X.lock` and `X.lock.*` (Exim's and mutt's link temporaries `<spool>.lock.<host>...`).
+- `reserved(name)` is true for names starting with `.`, for the dotlock names every MDA uses,
+  `X.lock` and `X.lock.*` (Exim's hitching posts `<spool>.lock.<host>.<time>.<pid>`), and for
+  the link temporaries of mail readers that unlink that name before creating it, whatever the
+  host: mutt's `mutt_dotlock` (`<spool>.<short host>.<pid>`: at least two dots, digits last) and
+  GNU Mailutils (`<spool>.<pid>.<time>.<host>`: two all-digit components followed by more).
+  Those shapes hold for every spool name and every host name, so they hold on a spool
+  directory shared by hosts whose names pop3d cannot know.
 - The MDA-visible dotlock is `<spool>.lock` (Postfix, Exim, procmail, liblockfile agree on it).
   pop3d's own files are `.pop3d-<kind>.<spool name>` beside the spool (`own`), where `kind`
   has no `.`: so the name splits back into one kind and one spool name, and files of two
@@ -57,7 +62,16 @@ def reserved(name: str) -> str | None:
     folded = name.lower()
     if folded.endswith(".lock") or ".lock." in folded:
         return "names ending in '.lock' or containing '.lock.' are MDAs' dotlocks"
+    parts = folded.split(".")
+    if len(parts) >= 3 and _digits(parts[-1]):
+        return "names of the form X.HOST.NUMBER are mutt's dotlock temporaries"
+    if any(_digits(parts[i]) and _digits(parts[i + 1]) for i in range(1, len(parts) - 2)):
+        return "names of the form X.NUMBER.NUMBER.HOST are GNU Mailutils' dotlock temporaries"
     return None
+
+
+def _digits(part: str) -> bool:
+    return part.isascii() and part.isdigit()
 
 
 def valid_username(raw: bytes) -> str | None:
@@ -65,8 +79,9 @@ def valid_username(raw: bytes) -> str | None:
 
     ASCII letters, digits and `._-@+` only, 1..MAX_USERNAME octets, no leading `-` (option
     injection) or `.` (hidden files, `..`), no `..` anywhere, and not a reserved file name
-    (`alice.lock` would be alice's dotlock). Everything else, including NUL, controls, spaces,
-    `/` and non-ASCII, is refused; the caller answers it like a bad password.
+    (`alice.lock` would be alice's dotlock, `alice.vm.4242` mutt's temporary for it). Everything
+    else, including NUL, controls, spaces, `/` and non-ASCII, is refused; the caller answers it
+    like a bad password.
     """
     if not 0 < len(raw) <= limits.MAX_USERNAME:
         return None

@@ -15,7 +15,7 @@ import getpass
 import os
 import sys
 
-from pop3d import auth
+from pop3d import auth, names
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -141,12 +141,10 @@ def run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     user = auth.valid_username(args.user.encode("utf-8", "surrogateescape"))
     if user is None:
-        raise PasswdError(
-            f"{args.user!r}: a user name is 1-64 of A-Z a-z 0-9 . _ - @ +, "
-            "not starting with '-' or '.', without '..', not ending in '.lock' "
-            "nor containing '.lock.' (the names of mailbox locks)",
-            EX_DATAERR,
+        why = names.reserved(args.user) or (
+            "a user name is 1-64 of A-Z a-z 0-9 . _ - @ +, not starting with '-' or '.', without '..'"
         )
+        raise PasswdError(f"{args.user!r}: {why}", EX_DATAERR)
     path = os.path.abspath(args.file)
     entry = None
     if not args.delete:

@@ -8,6 +8,8 @@ to end: real sessions of two htpasswd users sharing one uid, as a virtual-hostin
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +47,10 @@ TRICKY = [
     "inbox.lock",
     "a.",
     "lk12345.vm",
+    "alice.vm.4242",
+    "alice.4242.1700000000.vm",
+    "alice.2024",
+    "a.b.3",
 ]
 NAME = st.one_of(
     st.sampled_from(TRICKY),
@@ -61,8 +67,15 @@ def derived(spool: str) -> list[str]:
         names.unusable_journal(spool, "1700000000-4242"),
         names.session_lock(spool),
         names.own(spool, f"{names.DOTLOCK_TEMP}-vm-4242-0badcafe"),
-        names.dotlock(spool) + ".vm.5f3a1b2c.1a2b",  # Exim's hitching post, mutt's link temp
+        names.dotlock(spool) + ".vm.5f3a1b2c.1a2b",  # Exim's hitching post
+        *mua_temporaries(spool, "vm", 4242),
     ]
+
+
+def mua_temporaries(spool: str, host: str, pid: int) -> list[str]:
+    """The link temporaries mail readers unlink before creating them: mutt_dotlock's
+    `<spool>.<short host>.<pid>`, GNU Mailutils' `<spool>.<pid>.<time>.<host>`."""
+    return [f"{spool}.{host.partition('.')[0]}.{pid}", f"{spool}.{pid}.1700000000.{host}"]
 
 
 def mda_temporary(spool: str) -> str:
@@ -102,6 +115,23 @@ def test_every_derived_name_is_reserved(template: str, user: str) -> None:
         assert names.reserved(os.path.basename(path)), path
 
 
+HOST = st.text("abcvm0123456789-.", min_size=1, max_size=20).filter(lambda h: h[0] not in ".-")
+
+
+@given(st.sampled_from(TEMPLATES), NAME, HOST, st.integers(1, 4194304))
+def test_mail_readers_temporaries_are_reserved_for_any_host(
+    template: str, user: str, host: str, pid: int
+) -> None:
+    """Review F4: whatever the host (on a shared spool directory, any host's short name) and the
+    pid, the names mutt and Mailutils unlink before they create them are no valid user's spool."""
+    spool = spool_or_none(template, user)
+    if spool is None:
+        return
+    for temporary in mua_temporaries(spool, host, pid):
+        assert names.reserved(os.path.basename(temporary)), temporary
+        assert names.valid_username(os.path.basename(temporary).encode()) is None
+
+
 @given(st.text("abc.-", min_size=1, max_size=8), st.text("abc.-_", min_size=1, max_size=12))
 def test_own_names_split_back_into_kind_and_spool(kind: str, spool: str) -> None:
     if "." in kind:
@@ -114,14 +144,38 @@ def test_own_names_split_back_into_kind_and_spool(kind: str, spool: str) -> None
 
 
 @pytest.mark.parametrize(
-    "raw", [b"alice.lock", b"ALICE.Lock", b"alice.lock.x", b".alice", b"-alice", b"a..b", b"x.lock"]
+    "raw",
+    [
+        b"alice.lock",
+        b"ALICE.Lock",
+        b"alice.lock.x",
+        b".alice",
+        b"-alice",
+        b"a..b",
+        b"x.lock",
+        b"pop3dev.vm.27795",
+        b"bob.smith.mail.1",
+        b"alice.4242.1700000000.mail.example.org",
+    ],
 )
 def test_reserved_or_malformed_names_are_refused(raw: bytes) -> None:
     assert names.valid_username(raw) is None
 
 
 @pytest.mark.parametrize(
-    "raw", [b"alice.pop3d-journal", b"alice.pop3d-journal.tmp", b"lock", b"a.locks", b"a_b"]
+    "raw",
+    [
+        b"alice.pop3d-journal",
+        b"alice.pop3d-journal.tmp",
+        b"lock",
+        b"a.locks",
+        b"a_b",
+        b"alice.2024",
+        b"bob.smith",
+        b"v1.2.x3",
+        b"a.1.2b",
+        b"x.1.b.2.c",
+    ],
 )
 def test_names_outside_the_reserved_namespace_stay_valid(raw: bytes) -> None:
     """These were pop3d's journal names: pop3d no longer writes there, so they are fine names."""
@@ -158,17 +212,66 @@ def test_a_template_that_makes_one_name_reserved_refuses_that_login_only() -> No
         names.spool_path("/var/mail/%ulock", "a.", None)  # "a.lock": a dotlock's name
 
 
-def test_pop3d_passwd_refuses_a_lock_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "why"), [("alice.lock", b".lock"), ("pop3dev.vm.27795", b"mutt")])
+def test_pop3d_passwd_refuses_a_lock_name(tmp_path: Path, name: str, why: bytes) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pop3d.passwd", "-c", "-i", str(tmp_path / "users"), "alice.lock"],
+        [sys.executable, "-m", "pop3d.passwd", "-c", "-i", str(tmp_path / "users"), name],
         input=b"secret\n",
         capture_output=True,
         cwd=str(ROOT),
         env=child_env(),
         timeout=60,
     )
-    assert proc.returncode == 65 and b".lock" in proc.stderr
+    assert proc.returncode == 65 and why in proc.stderr
     assert not (tmp_path / "users").exists()
+
+
+MUTT_DOTLOCK = next(
+    (
+        path
+        for path in (
+            os.environ.get("POP3D_MUTT_DOTLOCK", ""),
+            "/opt/pop3d-ci/mutt/usr/bin/mutt_dotlock",  # where .ci/run unpacks it
+            shutil.which("mutt_dotlock") or "",
+        )
+        if path and os.access(path, os.X_OK)
+    ),
+    None,
+)
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(
+    MUTT_DOTLOCK is None or STRACE is None,
+    reason="needs mutt_dotlock (Debian package mutt; .ci/run unpacks it) and strace",
+)
+def test_every_file_mutt_dotlock_touches_is_reserved(tmp_path: Path) -> None:
+    """Review F4, with the real binary: mutt_dotlock (mutt 2.2, setgid mail) unlinks, creates and
+    links names beside the spool, relative to its directory. Besides the spool, each is reserved:
+    no valid user's spool can be it. Before, `alice.<host>.<pid>` was a valid user name, whose
+    spool mutt_dotlock deleted when alice locked hers."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    spool = spool_dir / "alice"
+    spool.write_bytes(b"From a@b Mon Jan  1 00:00:00 2024\nSubject: x\n\nx\n\n")
+    trace = tmp_path / "trace"
+    calls = "trace=open,openat,unlink,unlinkat,link,linkat,rename,renameat,renameat2"
+    for unlock in ([], ["-u"]):
+        done = subprocess.run(
+            [STRACE, "-f", "-qq", "-o", str(trace), "-e", calls, MUTT_DOTLOCK, *unlock, str(spool)],  # type: ignore[list-item]
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        strings = re.findall(r'"((?:[^"\\]|\\.)*)"', trace.read_text())
+        touched = {name for name in strings if "/" not in name} - {"alice"}  # relative: beside it
+        assert "alice.lock" in touched
+        if not unlock:
+            assert len(touched) >= 2  # the lock and its link temporary
+        for name in touched:
+            assert names.reserved(name), name
+            assert names.valid_username(name.encode()) is None, name
+    assert sorted(os.listdir(spool_dir)) == ["alice"]
 
 
 # ------------------------------------------------------------------ end to end, two users
@@ -222,12 +325,13 @@ def test_user_named_after_an_old_journal_name_keeps_its_spool(env: Pop3Env, othe
     no_traceback(env)
 
 
-def test_user_named_after_a_dotlock_cannot_log_in(env: Pop3Env) -> None:
-    """`alice.lock` is alice's dotlock: no such user can log in (it answers like a bad password),
-    and alice's sessions neither see nor touch that file."""
-    env.add_user("alice.lock", "other pass")
+@pytest.mark.parametrize("name", ["alice.lock", "alice.vm.4242"])
+def test_user_named_after_a_dotlock_cannot_log_in(env: Pop3Env, name: str) -> None:
+    """`alice.lock` is alice's dotlock, `alice.vm.4242` mutt's temporary for it: no such user can
+    log in (it answers like a bad password), and alice's sessions neither see nor touch them."""
+    env.add_user(name, "other pass")
     client = start(env)
-    assert client.login(b"alice.lock", "other pass").startswith(b"-ERR [AUTH]")
+    assert client.login(name.encode(), "other pass").startswith(b"-ERR [AUTH]")
     client.cmd(b"QUIT")
     assert "invalid user name" in env.log_text()
 
