@@ -134,6 +134,24 @@ def _raise_lock_error(path: str, e: BaseException) -> NoReturn:
     raise e
 
 
+def _session_lock(path: str, timeout: float, brief: bool) -> SessionLock | None:
+    """pop3d's own session lock on the maildrop, taken (MaildropInUseError after `timeout`).
+
+    In session mode a spool directory the session may not write (possible with `locks`
+    without dotlock) is no error: no brief session can lock anything there either, and the
+    MDA locks, held the whole session, exclude every other session. None then."""
+    from .locking import LockPermissionError, SessionLock
+
+    lock = SessionLock(path, timeout)
+    try:
+        lock.acquire()
+    except BaseException as e:
+        if isinstance(e, LockPermissionError) and not brief:
+            return None
+        _raise_lock_error(path, e)
+    return lock
+
+
 def _names_file(path: str, fd: int | None) -> bool:
     """True if `path` still names what we opened (or is still missing): nobody renamed over it."""
     try:
@@ -150,6 +168,7 @@ class Maildrop:
     """An open, locked, scanned spool; `commit` or `close` ends it (both release the locks)."""
 
     __slots__ = (
+        "_brief",
         "_buf",
         "_closed",
         "_fd",
@@ -160,9 +179,9 @@ class Maildrop:
         "_lock",
         "_lock_ok",
         "_log",
-        "_private",
         "_quiet",
         "_reader",
+        "_session_lock",
         "_tail",
         "listing",
         "path",
@@ -197,7 +216,8 @@ class Maildrop:
         self._closed = False
         self._lock_ok = True
         self._reader: _PreadBuffer | None = None
-        self._private: SessionLock | None = None  # mda_locks = brief: the session lock
+        self._session_lock: SessionLock | None = None  # pop3d's own, held until commit or close
+        self._brief = False  # mda_locks = brief: the MDA locks are held only to scan and update
         self._quiet: tuple[int, ...] | None = None  # brief: the spool's state at the scan (_state)
 
     @classmethod
@@ -217,31 +237,26 @@ class Maildrop:
         """Open safely, lock, finish any interrupted update, map and scan the spool (from the
         file `index` when it proves right: see "the index" below).
 
-        mda_locks="session": the `locks` stay held until commit or close. "brief": the session
-        lock (locking.SessionLock) is held until then instead, and the `locks` only while the
-        spool is scanned here and while `commit` updates it; meanwhile an MDA may append.
+        Both modes first take pop3d's own session lock (locking.SessionLock), held until commit
+        or close: sessions exclude each other through it, whatever mode each runs in (a SIGHUP
+        that changed mda_locks, two configurations on one spool). mda_locks="session": the
+        `locks` stay held until commit or close too. "brief": they are held only while the spool
+        is scanned here and while `commit` updates it; meanwhile an MDA may append.
         """
         if mda_locks not in ("session", "brief"):
             raise ValueError(f"unknown mda_locks {mda_locks!r}")
         log = log or _noop_log
         deadline = time.monotonic() + lock_timeout
-        private = None
-        if mda_locks == "brief":
-            from .locking import SessionLock
-
-            private = SessionLock(path, lock_timeout)
-            try:
-                private.acquire()
-            except BaseException as e:
-                _raise_lock_error(path, e)
+        private = _session_lock(path, lock_timeout, mda_locks == "brief")
         try:
             md = cls._open(path, locks, deadline, stale_lock, mbox_format, expected_uid, log, index)
         except BaseException:
             if private is not None:
                 private.release()
             raise
-        if private is not None:
-            md._private = private
+        md._session_lock = private
+        if mda_locks == "brief":
+            md._brief = True
             md._quiet = md._scanned_state()
             md._lock.release()  # an MDA may deliver from now on
             md._lock.timeout = float(lock_timeout)  # the update waits this long for them
@@ -367,7 +382,7 @@ class Maildrop:
         """The pread reader; with brief MDA locks a new one per message, so that no bytes read
         before a rewrite are served from its cache."""
         reader = self._reader
-        if reader is None or self._private is not None:
+        if reader is None or self._brief:
             reader = self._reader = _PreadBuffer(self._fd, self._length, self.path)
         return reader
 
@@ -381,7 +396,7 @@ class Maildrop:
         (device, inode), not shorter, mbox.same_message, and for the last message the scanned
         end: a few system calls and the header's digest, never a rescan. Session locks: a no-op.
         """
-        if self._private is None:
+        if not self._brief:
             return
         path = self.path
         fd = self._fd
@@ -421,7 +436,7 @@ class Maildrop:
     def refresh_lock(self) -> bool:
         """Touch the dotlock so other programs never judge it stale; False if it is no longer ours.
         With brief MDA locks there is nothing to touch between the scan and the update."""
-        if self._private is not None:
+        if self._brief:
             return not self._closed
         ok = self._lock.refresh() if not self._closed else False
         if not ok and self._lock_ok and not self._closed:
@@ -448,8 +463,8 @@ class Maildrop:
                 if fd is not None:
                     os.close(fd)
             finally:
-                if self._private is not None:
-                    self._private.release()  # last: no other session starts before we are done
+                if self._session_lock is not None:
+                    self._session_lock.release()  # last: no other session starts before we are done
 
     def __enter__(self) -> Maildrop:
         return self
@@ -482,7 +497,7 @@ class Maildrop:
                 raise ValueError(f"message index {index} out of range 0..{count - 1}")
         fd = self._fd
         assert fd is not None  # count > 0, so the spool exists
-        if self._private is not None:
+        if self._brief:
             self._relock()
         if not self._lock.verify():
             raise MaildropTempError(
@@ -511,11 +526,11 @@ class Maildrop:
                 if after < count:
                     boundaries.append(listing.from_offset(after))
         size = self._check_unchanged(boundaries)
-        if self._private is not None:
+        if self._brief:
             self._check_deleted(order)
         length = self._length
         if size > length:  # appended after the scan: delivered (brief) or by a writer ignoring locks
-            if self._private is None:
+            if not self._brief:
                 self._log(f"{self.path}: {size - length} bytes appended since login; kept")
             if extents and extents[-1][0] + extents[-1][1] == length:
                 extents[-1][1] += size - length

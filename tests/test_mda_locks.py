@@ -158,6 +158,30 @@ def test_second_session_is_in_use_and_leaves_the_first_alone(brief: Pop3Env) -> 
     assert sorted(os.listdir(spool.parent)) == ["alice"]
 
 
+@pytest.mark.parametrize(("first", "then"), [("brief", "session"), ("session", "brief")])
+def test_sessions_in_different_modes_exclude_each_other(env: Pop3Env, first: str, then: str) -> None:
+    """Review F3: mda_locks changed by a SIGHUP of --listen, or two configurations on one spool.
+    An idle brief session holds no MDA lock; a session-mode login used to take those and log in
+    beside it (RFC 1939's exclusive access broken; only the update's checks saved the mail).
+    Both modes take pop3d's own session lock first: the second login is [IN-USE], and the first
+    session's update is applied as if it had been alone."""
+    messages = sample_messages()
+    spool = env.write_spool(mbox_bytes(messages))
+    env.write_config(mda_locks=first)
+    holder = login(env)
+    env.write_config(mda_locks=then)
+    second = env.client()
+    second.user("alice")
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_(PASSWORD)
+    assert second.proc.wait(timeout=20) == 0
+    holder.dele(1)
+    assert holder.quit().startswith(b"+OK")
+    assert holder.proc.wait(timeout=20) == 0
+    assert spool.read_bytes() == mbox_bytes(messages[1:])
+    assert sorted(os.listdir(spool.parent)) == ["alice"]
+
+
 @needs_dotlockfile
 @pytest.mark.parametrize("command", [b"RETR 2", b"TOP 2 3", b"RETR 4"])
 def test_retrieval_after_a_permuting_rewrite_is_refused(brief: Pop3Env, command: bytes) -> None:

@@ -41,6 +41,7 @@ class Host:
     def __init__(self, env: Pop3Env, name: str, address: str, own_pids: bool) -> None:
         self.name = name
         self.address = address
+        self.own_pids = own_pids
         self.log = env.base / f"{name}.log"
         conf = env.base / f"{name}.conf"
         settings = dict(env.settings, log=str(self.log))
@@ -75,6 +76,37 @@ class Host:
         """Whether a process `pid` exists as this host's processes see it (its PID namespace)."""
         probe = ["nsenter", "-t", str(self.server_pid()), "-p", "-m", "test", "-e", f"/proc/{pid}"]
         return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+    def takes_dotlock(self, spool: object, seconds: float) -> str:
+        """Whether this host, trying for `seconds` (stale_lock as configured here: 2 s), takes the
+        spool's dotlock by itself ("taken", then released) or finds it held ("busy")."""
+        script = (
+            "import sys\n"
+            "from pop3d.locking import LockTimeoutError, MailboxLock\n"
+            "lock = MailboxLock(sys.argv[1], None, ('dotlock',), float(sys.argv[2]), 2.0)\n"
+            "try:\n    lock.acquire()\nexcept LockTimeoutError:\n    print('busy')\n"
+            "else:\n    lock.release()\n    print('taken')\n"
+        )
+        namespaces = ["-u", "-p", "-m"] if self.own_pids else ["-u"]
+        done = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.server_pid()),
+                *namespaces,
+                sys.executable,
+                "-c",
+                script,
+                str(spool),
+                str(seconds),
+            ],
+            capture_output=True,
+            cwd=str(ROOT),
+            env=child_env(),
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode().strip()
 
     def client(self) -> poplib.POP3:
         return poplib.POP3(self.address, self.port, timeout=IO_TIMEOUT)
@@ -135,6 +167,9 @@ def test_a_live_lock_of_one_host_holds_against_the_other(env: Pop3Env, hosts: li
         waiting.pass_(PASSWORD)
     assert refused.value.args[0].startswith(b"-ERR [IN-USE]")
     assert time.monotonic() - started > 2  # longer than stale_lock: the lock stayed live
+    # B's login waited on pop3d's session lock first (an flock: on NFS, through lockd); the
+    # dotlock alone holds against B too, judged as B judges it, past stale_lock.
+    assert b.takes_dotlock(env.spool_path(), seconds=3) == "busy"
     assert holder.stat()[0] == 3
     holder.dele(1)
     assert holder.quit().startswith(b"+OK")
