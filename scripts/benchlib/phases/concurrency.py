@@ -9,7 +9,10 @@ of one account would wait for each other's maildrop lock. Workloads (`--workload
 - `htpasswd`: the same with pop3d's htpasswd users (bcrypt, what pop3d-passwd writes): pop3d,
   pop3d --listen, Dovecot (passwd-file, the same hash; the ratio is to Dovecot).
 - `poll`: login, UIDL, QUIT on a `--poll-mib` spool per client, system accounts: the servers of
-  `pam`. Dovecot answers from its index (built by the warm-up, which every server gets).
+  `pam`, pop3d without its index (every poll scans). Dovecot answers from its index (built by
+  the warm-up, which every server gets).
+- `poll-index`: the same with pop3d's index (`index_dir`, built by the warm-up): the poll of an
+  unchanged spool, what most polls are.
 
 Per workload, C and server (interleaved, `--rounds` rounds of `--duration` seconds): sessions
 per second (median of the rounds); session latency p50/p95/p99 (connect to QUIT's reply, every
@@ -37,7 +40,7 @@ from benchlib.servers.pop3d import Pop3d, pam_pop3d
 from benchlib.sessions import poll_session, short_session
 from benchlib.spools import Spool, place_spool
 
-WORKLOADS = ("pam", "htpasswd", "poll")
+WORKLOADS = ("pam", "htpasswd", "poll", "poll-index")
 LISTEN = "pop3d --listen"
 SAMPLE_EVERY = 0.05  # seconds between two memory samples
 
@@ -65,7 +68,7 @@ def run(ctx: Context) -> None:
         finally:
             for s in work.started:
                 s.stop()
-            if name == "poll":  # the big copies go: each client's account gets a small spool back
+            if name.startswith("poll"):  # the big copies go: each account gets a small spool back
                 _place_all(ctx, work.servers, ctx.small_spool(), most)
 
 
@@ -97,16 +100,22 @@ def _set_up(ctx: Context, name: str, most: int) -> Workload | None:
         return None
     accounts = ensure_client_accounts(most)
     lowest = min(accounts, key=lambda e: e.pw_uid)
+    extra: dict[str, str] = {}
     if name == "pam":
         work = Workload("PAM short session", small, lambda s, u: short_session(s, small.count, u))
     else:
         big = ctx.spool(ctx.args.poll_mib)
-        work = Workload(f"{ctx.args.poll_mib:g} MiB poll (PAM)", big, lambda s, u: poll_session(s, big, u))
-    inetd = pam_pop3d(ctx.pop3d, ctx.workdir, lowest)
+        title = f"{ctx.args.poll_mib:g} MiB poll (PAM)"
+        if name == "poll-index":
+            title = f"{ctx.args.poll_mib:g} MiB poll, pop3d's index (PAM)"
+            extra = {"index_dir": str(ctx.workdir / "concurrency-index")}
+        work = Workload(title, big, lambda s, u: poll_session(s, big, u))
+    where = name.replace("-", "_")
+    inetd = pam_pop3d(ctx.pop3d, ctx.workdir, lowest, extra=extra, name=where)
     work.started.append(inetd)
     work.servers.append(inetd)
     if ctx.pop3d.tool:
-        listen = pam_pop3d(ctx.pop3d, ctx.workdir, lowest, tool="")
+        listen = pam_pop3d(ctx.pop3d, ctx.workdir, lowest, tool="", extra=extra, name=where)
         listen.name = LISTEN
         work.started.append(listen)
         work.servers.append(listen)

@@ -171,12 +171,21 @@ class Pop3d(Server):
         return Path(self.mailbox.replace("%u", user))
 
 
-def pam_pop3d(pop3d: Pop3d, workdir: Path, owner: pwd.struct_passwd, tool: str | None = None) -> Pop3d:
+def pam_pop3d(
+    pop3d: Pop3d,
+    workdir: Path,
+    owner: pwd.struct_passwd,
+    tool: str | None = None,
+    extra: dict[str, str] | None = None,
+    name: str = "system",
+) -> Pop3d:
     """Another pop3d like `pop3d`, with auth = system: the system test account's /var/mail spool and
-    password (PAM), as popa3d serves it. `tool=""`: its own --listen instead of pop3d's launcher."""
+    password (PAM), as popa3d serves it. `tool=""`: its own --listen instead of pop3d's launcher;
+    `extra` settings; `name`: its directory in workdir (one per configuration)."""
     settings = {"auth": "system", "mailbox": "/var/mail/%u", "first_uid": str(min(owner.pw_uid, 1000))}
+    settings.update(extra or {})
     tool = pop3d.tool if tool is None else tool
-    where = workdir / ("system" if tool == pop3d.tool else "system-listen")
+    where = workdir / (name if tool == pop3d.tool else f"{name}-listen")
     return Pop3d(tool, pop3d.command[:-2], pop3d.env, where, None, settings)
 
 
