@@ -532,7 +532,7 @@ def resume(
         return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
     if start >= n or buf[start : start + 5] != b"From ":
         raise MboxFormatError("not an mbox spool: no From_ line at the start")
-    _sha256_for(n)  # hashlib, if it is to be, imported once: before the fork below, not in each half
+    _sha256_for(n - start)  # hashlib, if it is to be, imported once: before the fork below
     split = 0
     if n - start >= parallel_min > 0:
         # The second half starts at a From_ line after a blank line: a message boundary for sure.
@@ -668,7 +668,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     cap = max(limits.UID_HEADER_CAP, 1)
     rx_start = _regexes()[0] if rd else None
     strip_volatile = bulk.strip_volatile
-    sha256 = _sha256_for(len(buf))
+    sha256 = _sha256_for(n - start)  # what is hashed here: a resumed scan's tail is small
     count_lf, separators = bulk.count_lf, bulk.separators
     release = _releaser(buf)
     offset_code, size_code = _typecodes(len(buf))

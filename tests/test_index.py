@@ -165,6 +165,38 @@ def test_a_spool_that_only_grew_is_scanned_from_its_last_indexed_message(spool: 
     assert spool.session() == 0
 
 
+def test_a_poll_after_a_delivery_to_a_big_spool_loads_no_openssl(tmp_path: Path) -> None:
+    """The tail a resumed scan reads is small: its UID digests come from CPython's built-in
+    SHA-256, not hashlib's (OpenSSL: ~2 ms to load, the size of the whole spool deciding),
+    and they are the full scan's."""
+    import sys
+
+    spool = Spool(tmp_path)
+    big = b"Subject: big\n\n" + b"x" * 999 + b"\n"
+    spool.write(mbox_bytes([*MESSAGES, *[big] * (limits.MBOX_OPENSSL_SHA_MIN // 1000)]))
+    assert spool.path.stat().st_size > limits.MBOX_OPENSSL_SHA_MIN
+    spool.session()
+    spool.deliver(mbox_bytes([b"Subject: new\n\nnew mail\n"]))
+    settle(spool.path)
+    code = (
+        "import sys\nfrom pop3d import maildrop\n"
+        "md = maildrop.Maildrop.open(sys.argv[1], locks=('fcntl',), index=sys.argv[2])\n"
+        "uids = md.listing.uids(0, md.listing.count)\n"
+        "print(md.scanned, 'hashlib' in sys.modules, *[u.decode() for u in uids])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(spool.path), str(spool.index)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(Path(__file__).parent.parent),
+    ).stdout.split()
+    full = mbox.scan(spool.path.read_bytes())
+    assert 0 < int(out[0]) < 2000
+    assert out[1] == "False"
+    assert [u.encode() for u in out[2:]] == full.uids(0, full.count)
+
+
 def test_an_append_that_continues_the_last_message_is_seen(tmp_path: Path) -> None:
     """A spool without the final blank line: a From_ line appended is body text of the last
     message (not a new one), so the last indexed message must be rescanned, not trusted."""
