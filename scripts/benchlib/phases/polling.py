@@ -73,6 +73,14 @@ def _servers(ctx: Context) -> list[Server]:
     return started
 
 
+def _poll(s: Server, spool: Spool) -> tuple[float, list[bytes]]:
+    """One timed poll; then wait for the session to be gone (Dovecot's writes its index after
+    QUIT's reply), so that it does not run into the next server's poll."""
+    got = poll_uids(s, spool)
+    s.settle()
+    return got
+
+
 class _Uids:
     """What each server listed at its last poll: the next poll must list the same (plus, after a
     delivery, one more at the end)."""
@@ -98,7 +106,7 @@ def _one_size(
         """A fresh copy, nothing remembered: the same for the index off and a first poll."""
         ctx.place(spool, [s])
         s.forget()
-        dt, uids = poll_uids(s, spool)
+        dt, uids = _poll(s, spool)
         if s is plain:
             scanned.check(s, uids)
         else:
@@ -109,7 +117,7 @@ def _one_size(
         return dt
 
     def unchanged(s: Server) -> float:
-        dt, uids = poll_uids(s, spool)
+        dt, uids = _poll(s, spool)
         seen.check(s, uids)
         return dt
 
@@ -117,7 +125,7 @@ def _one_size(
 
     def delivered(s: Server) -> float:
         current[s.name] = deliver(current[s.name], s.spool_path(), current[s.name].count + 1)
-        dt, uids = poll_uids(s, current[s.name])
+        dt, uids = _poll(s, current[s.name])
         seen.check(s, uids, added=1)
         return dt
 
