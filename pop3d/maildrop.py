@@ -152,6 +152,35 @@ def _session_lock(path: str, timeout: float, brief: bool) -> SessionLock | None:
     return lock
 
 
+def _reopen(path: str, fd: int) -> int:
+    """The spool opened again by path, under the locks: MaildropTempError unless it is the file
+    open as `fd`.
+
+    The spool was opened before the locks were taken (fcntl needs a descriptor). On NFS a
+    descriptor's attributes and pages may be the client's cached ones; Linux revalidates them
+    at an open (close-to-open consistency) or when an fcntl lock is taken, and with `locks =
+    dotlock` alone nothing else does: the size read through the older descriptor could be from
+    before an append that ended just before we got the dotlock, and an update would cut that
+    append off. The caller keeps the new descriptor open as long as it holds the locks: closing
+    it would drop our fcntl lock (a process's fcntl locks on a file go at the close of any
+    descriptor of that file).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fresh = os.open(path, flags)
+    except OSError as e:
+        raise MaildropTempError(f"{path}: vanished or unreadable ({_why(e)})") from e
+    try:
+        st, own = os.fstat(fresh), os.fstat(fd)
+    except OSError as e:
+        os.close(fresh)
+        raise MaildropTempError(f"{path}: unreadable ({_why(e)})") from e
+    if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino):
+        os.close(fresh)
+        raise MaildropTempError(f"{path}: replaced by another program while locked")
+    return fresh
+
+
 def _names_file(path: str, fd: int | None) -> bool:
     """True if `path` still names what we opened (or is still missing): nobody renamed over it."""
     try:
@@ -173,6 +202,7 @@ class Maildrop:
         "_closed",
         "_fd",
         "_fmt",
+        "_fresh_fd",
         "_head",
         "_index",
         "_length",
@@ -216,6 +246,7 @@ class Maildrop:
         self._closed = False
         self._lock_ok = True
         self._reader: _PreadBuffer | None = None
+        self._fresh_fd = -1  # the spool opened again by path under the locks (_reopen)
         self._session_lock: SessionLock | None = None  # pop3d's own, held until commit or close
         self._brief = False  # mda_locks = brief: the MDA locks are held only to scan and update
         self._quiet: tuple[int, ...] | None = None  # brief: the spool's state at the scan (_state)
@@ -260,6 +291,9 @@ class Maildrop:
             md._quiet = md._scanned_state()
             md._lock.release()  # an MDA may deliver from now on
             md._lock.timeout = float(lock_timeout)  # the update waits this long for them
+            fresh, md._fresh_fd = md._fresh_fd, -1
+            if fresh >= 0:
+                os.close(fresh)  # no lock left to drop; the update opens the spool again
         return md
 
     @classmethod
@@ -297,13 +331,19 @@ class Maildrop:
         else:
             raise MaildropTempError(f"{path}: replaced repeatedly while being locked")
         assert lock is not None
+        fresh = -1
         try:
-            return cls._load(path, fd, lock, mbox_format, log, index)
+            if fd is not None:
+                fresh = _reopen(path, fd)  # before anything is read: see _reopen
+            md = cls._load(path, fd, lock, mbox_format, log, index)
         except BaseException:
             lock.release()
-            if fd is not None:
-                os.close(fd)
+            for descriptor in (fd, fresh):
+                if descriptor is not None and descriptor >= 0:
+                    os.close(descriptor)
             raise
+        md._fresh_fd = fresh
+        return md
 
     @classmethod
     def _load(
@@ -462,6 +502,9 @@ class Maildrop:
                 fd, self._fd = self._fd, None
                 if fd is not None:
                     os.close(fd)
+                fresh, self._fresh_fd = self._fresh_fd, -1
+                if fresh >= 0:
+                    os.close(fresh)  # only now: its close would have dropped our fcntl lock
             finally:
                 if self._session_lock is not None:
                     self._session_lock.release()  # last: no other session starts before we are done
@@ -497,8 +540,7 @@ class Maildrop:
                 raise ValueError(f"message index {index} out of range 0..{count - 1}")
         fd = self._fd
         assert fd is not None  # count > 0, so the spool exists
-        if self._brief:
-            self._relock()
+        fresh = self._relock() if self._brief else None
         if not self._lock.verify():
             raise MaildropTempError(
                 f"{self.path}: our dotlock was broken or replaced by another process; "
@@ -525,9 +567,9 @@ class Maildrop:
                 kept.extend(offsets[index + 1 - first : after - first])
                 if after < count:
                     boundaries.append(listing.from_offset(after))
-        size = self._check_unchanged(boundaries)
-        if self._brief:
-            self._check_deleted(order)
+        size = self._check_unchanged(boundaries, fresh)
+        if fresh is not None:
+            self._check_deleted(order, fresh)
         length = self._length
         if size > length:  # appended after the scan: delivered (brief) or by a writer ignoring locks
             if not self._brief:
@@ -548,9 +590,10 @@ class Maildrop:
         if self._index:
             _index_after_update(self._index, self.path, fd, listing, order, self._fmt, self._log)
 
-    def _relock(self) -> None:
+    def _relock(self) -> os.stat_result:
         """Brief MDA locks: take them again for the update (an MDA holding them a moment is
-        normal: wait up to the lock timeout), and refuse to update over another one's journal."""
+        normal: wait up to the lock timeout), refuse to update over another one's journal, and
+        return the spool's status as a fresh open reads it under the locks (`_reopened`)."""
         try:
             self._lock.acquire()
         except BaseException as e:
@@ -560,8 +603,19 @@ class Maildrop:
                 f"{self.path}: an interrupted update's journal appeared during the session; "
                 "update aborted, nothing written (the next login completes it)"
             )
+        return self._reopened()
 
-    def _check_deleted(self, order: Sequence[int]) -> None:
+    def _reopened(self) -> os.stat_result:
+        """The spool's status through a new descriptor, opened by path under the locks taken
+        again for the update (see `_reopen`): the size the update relies on, fresh on NFS."""
+        assert self._fd is not None
+        try:
+            self._fresh_fd = _reopen(self.path, self._fd)
+            return os.fstat(self._fresh_fd)
+        except (OSError, MaildropTempError) as e:
+            raise MaildropTempError(f"{e}; update aborted, nothing written") from e
+
+    def _check_deleted(self, order: Sequence[int], now: os.stat_result) -> None:
         """Brief MDA locks, under them: every message about to go is still the listed one.
 
         The From_ lines `_check_unchanged` and the update check prove where messages begin;
@@ -570,8 +624,8 @@ class Maildrop:
         """
         from . import mbox
 
-        if self._quiet is not None and _state(os.fstat(self._fd)) == self._quiet:  # type: ignore[arg-type]
-            return  # not written since the scan
+        if self._quiet is not None and _state(now) == self._quiet:
+            return  # not written since the scan (`now`: the spool as `_reopened` found it)
         buf, listing = self._buf, self.listing
         released = listing.from_offset(order[0])
         for index in order:
@@ -586,23 +640,26 @@ class Maildrop:
                 released = at
         mbox.release_pages(buf, released, listing.from_offset(order[-1] + 1))
 
-    def _check_unchanged(self, boundaries: Sequence[int]) -> int:
+    def _check_unchanged(self, boundaries: Sequence[int], fresh: os.stat_result | None = None) -> int:
         """The spool's current size, after proving (cheaply) nobody rewrote what we scanned.
 
         `boundaries` are From_ line offsets (ascending) checked here, through the mapping; the
         update checks the kept ones it reads. The From_ lines inside a run of deleted messages
-        are not checked: those bytes go, whatever they are now.
+        are not checked: those bytes go, whatever they are now. `fresh`: the status of the spool
+        opened again by path (brief: `_reopened`), whose size is the one to use.
         """
         fd = self._fd
         assert fd is not None
         path = self.path
         try:
             own = os.fstat(fd)
-            named = os.lstat(path)
+            named = fresh or os.lstat(path)
         except OSError as e:
             raise MaildropTempError(f"{path}: vanished or unreadable ({_why(e)}); update aborted") from e
         if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
             raise MaildropTempError(f"{path}: replaced by another program since login; update aborted")
+        if fresh is not None:
+            own = fresh
         length = self._length
         if own.st_size < length:
             raise MaildropTempError(

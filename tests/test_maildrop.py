@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from conftest import dotlock_content, wait_for
 
 from pop3d import names as pop3d_names
 from pop3d import update as update_module
+from pop3d.locking import MailboxLock
 from pop3d.maildrop import (
     Maildrop,
     MaildropChangedError,
@@ -324,6 +326,90 @@ def test_brief_update_refuses_a_journal_that_appeared(small: tuple[Path, list[by
     with pytest.raises(MaildropTempError, match="journal"):
         md.commit(frozenset({1}))
     assert path.read_bytes() == b"".join(messages) and journal.read_bytes() == b"a committed journal"
+
+
+class NfsAttributeCache:
+    """What these tests need of an NFS client's attribute cache: once `hold()` is called (or, with
+    `at_next_open`, from the spool's next open on), fstat of the spool's inode reports the status
+    it had then, until the spool is opened again by path (close-to-open consistency revalidates
+    it; no fcntl lock is taken: `locks = dotlock`)."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, at_next_open: bool = False) -> None:
+        self.path = str(path)
+        self.real_fstat, self.real_open = os.fstat, os.open
+        self.held: os.stat_result | None = None
+        self.at_next_open = at_next_open
+        self.opened = threading.Event()
+        monkeypatch.setattr(os, "fstat", self.fstat)
+        monkeypatch.setattr(os, "open", self.open)
+
+    def hold(self) -> None:
+        self.held = os.stat(self.path)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        st = self.real_fstat(fd)
+        held = self.held
+        return held if held is not None and (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino) else st
+
+    def open(self, name: object, flags: int, *args: object, **kwargs: object) -> int:
+        fd = self.real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+        if os.fspath(name) == self.path:  # type: ignore[call-overload]
+            self.held = self.real_fstat(fd) if self.at_next_open else None
+            self.at_next_open = False
+            self.opened.set()
+        return fd
+
+
+APPENDED = b"From other-host Thu Nov 26 11:00:00 2026\nSubject: appended\n\nnew\n\n"
+
+
+@pytest.mark.parametrize("deleted", [{0}, {3, 4}])
+def test_brief_update_sizes_the_spool_through_a_fresh_open(
+    small: tuple[Path, list[bytes]], deleted: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review F6. On NFS a descriptor open since login may report the client's cached
+    attributes: Linux revalidates them only at an open (close-to-open) or an fcntl lock. With
+    `locks = dotlock` alone, a brief session's update sized the spool through the descriptor it
+    had since login, so another host's append was cut off. It opens the spool again now."""
+    path, messages = small
+    md = Maildrop.open(str(path), locks=("dotlock",), mda_locks="brief")
+    NfsAttributeCache(path, monkeypatch).hold()
+    with open(path, "ab") as f:  # another host's MDA delivers
+        f.write(APPENDED)
+    md.commit(frozenset(deleted))
+    monkeypatch.undo()
+    assert path.read_bytes() == expected(messages, deleted) + APPENDED
+    assert names(path.parent) == {"alice"}
+
+
+def test_login_sizes_the_spool_through_an_open_made_under_the_dotlock(
+    small: tuple[Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same at login (either mode): the spool is opened before the locks are taken (fcntl
+    needs a descriptor), and pop3d then waits for the dotlock of an MDA that is appending. The
+    status cached at that first open predates the append: the listing missed it and the update
+    of a short session cut it off. The spool is opened again once the locks are held."""
+    path, messages = small
+    mda = MailboxLock(str(path), None, ("dotlock",))
+    mda.acquire()
+    cache = NfsAttributeCache(path, monkeypatch, at_next_open=True)
+    opened: list[Maildrop] = []
+    login = threading.Thread(
+        target=lambda: opened.append(Maildrop.open(str(path), locks=("dotlock",), lock_timeout=20))
+    )
+    login.start()
+    try:
+        assert cache.opened.wait(20)  # pop3d has the spool open and waits for the dotlock
+        with open(path, "ab") as f:
+            f.write(APPENDED)
+    finally:
+        mda.release()
+        login.join(30)
+    md = opened[0]
+    assert md.listing.count == len(messages) + 1
+    md.commit(frozenset({0}))
+    monkeypatch.undo()
+    assert path.read_bytes() == expected(messages, {0}) + APPENDED
 
 
 # -------------------------------------------------------------------- update
