@@ -94,7 +94,12 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
     """
     from pop3d import maildrop
 
+    shown = log.escape(account.name)
     try:
+        if auth.valid_username(account.name.encode("utf-8", "surrogateescape")) != account.name:
+            # The name the client sent was valid; the account database's own name for it is
+            # not (winbind's DOMAIN\user): it would reach %u, a path, the index file's name.
+            raise LoginRefused("the account database names this account outside pop3d's user names")
         path = expand_mailbox(str(config.mailbox), account.name, account.home)
         root = os.geteuid() == 0
         index_file = _index_file(config, account) if root else None  # root makes its directory
@@ -113,15 +118,15 @@ def open_maildrop(config: Config, account: auth.Account, peer: str) -> bytes | t
             index=index_file,
         )
     except LoginRefused as e:
-        log.error(f"login refused: user={account.name} rip={peer}: {e}")
+        log.error(f"login refused: user={shown} rip={peer}: {e}")
         return e.code
     except Exception as e:
         if isinstance(e, privs.PrivilegeError) and e.fatal:
-            log.error(f"login aborted: user={account.name} rip={peer}: {e}")
+            log.error(f"login aborted: user={shown} rip={peer}: {e}")
             os._exit(70)  # EX_SOFTWARE: this process may still be root; nothing more may run
         for kind, code in error_codes():
             if isinstance(e, kind):
-                log.error(f"login failed: user={account.name} rip={peer}: {e}")
+                log.error(f"login failed: user={shown} rip={peer}: {e}")
                 return code
         raise
     log.info(

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import IS_ROOT, PASSWORD, Pop3Env, child_env, mbox_bytes, sample_messages, wait_for
 
+from pop3d import auth, log, login, privs, privsep, protocol, transport
 from pop3d import config as cfg
-from pop3d import privs, privsep, transport
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (changes uids, chroot)")
 
@@ -39,6 +39,26 @@ def in_child(body: Callable[[], object]) -> object:
         data = f.read()
     os.waitpid(pid, 0)
     return eval(data.decode())  # our own child's repr of plain values
+
+
+def test_an_account_name_outside_pop3ds_names_is_a_clean_refusal(env: Pop3Env) -> None:
+    """Review, smaller (a): with `auth = system` the account database may name the account
+    otherwise than the client did, outside pop3d's names (winbind's `DOMAIN\\user`). That name
+    reached names.user_file (the index) as root, before the privilege drop: a ValueError, the
+    session gone without a reply. Now it is `-ERR [SYS/PERM]` and a log line; nothing is
+    created for it (no index file, no spool, no lock)."""
+    uid, gid = (env.account.pw_uid, env.account.pw_gid) if IS_ROOT else (os.getuid(), os.getgid())
+
+    def open_it() -> object:
+        log.setup(str(env.log))
+        config = cfg.load(["-c", str(env.conf)])
+        return login.open_maildrop(config, auth.Account("EXAMPLE\\alice", uid, gid, None), "192.0.2.7")
+
+    assert in_child(open_it) == protocol.SYS_PERM
+    assert "login refused: user=EXAMPLE\\alice rip=192.0.2.7: the account database" in env.log.read_text()
+    assert os.listdir(env.spool_dir) == []
+    index_dir = env.base / "index"
+    assert not index_dir.exists() or not any(index_dir.rglob("*alice*"))
 
 
 # ---------------------------------------------------------------------------- privs
