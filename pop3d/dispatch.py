@@ -12,7 +12,14 @@ import os
 
 from pop3d import log, protocol
 from pop3d.session import Session
-from pop3d.transport import Connection, SessionEnd, install_signal_handlers, peer_name, start_tls
+from pop3d.transport import (
+    Connection,
+    SessionEnd,
+    ignore_stop_signals,
+    install_signal_handlers,
+    peer_name,
+    start_tls,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,6 +41,10 @@ def serve(config: Config, rfd: int = 0, wfd: int = 1, greeting_sent: bool = Fals
     except SessionEnd:
         return 0
     finally:
+        try:
+            ignore_stop_signals()
+        except SessionEnd:
+            pass  # a signal that arrived as the session ended: it is ending
         conn.restore()
 
 

@@ -13,7 +13,14 @@ import os
 import time
 
 from pop3d import limits, log, protocol, wire
-from pop3d.transport import SessionEnd, peer_is_local, signal_module, start_tls, stop_signals
+from pop3d.transport import (
+    SessionEnd,
+    ignore_stop_signals,
+    peer_is_local,
+    signal_module,
+    start_tls,
+    stop_signals,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,6 +107,10 @@ class Session:
             except Exception:
                 pass
         finally:
+            try:
+                ignore_stop_signals()
+            except SessionEnd:
+                self.end_reason = "signal"  # one that arrived just before: the only one
             self._close_maildrop()
             self.conn.close()
             self._log_logout()

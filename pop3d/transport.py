@@ -271,15 +271,28 @@ def stop_signals() -> set[int]:
 def install_signal_handlers() -> None:
     """SIGTERM, SIGHUP, SIGINT end the session without update; locks are released on the way out.
 
-    Installed after the greeting (and through `_signal`: `signal` imports `enum`).
+    Installed after the greeting (and through `_signal`: `signal` imports `enum`). The first
+    one raises; the rest are ignored (ignore_stop_signals): `systemctl stop` signals every
+    process of the unit and the listener passes it on too, and a second SessionEnd raised
+    inside the clean-up would skip the release of the locks.
     """
     signal = signal_module()
 
     def stop(signum: int, frame: object) -> None:
+        ignore_stop_signals()
         raise SessionEnd("signal")
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, stop)
+
+
+def ignore_stop_signals() -> None:
+    """The session is ending: from now on the stop signals are ignored, so that nothing cuts its
+    clean-up short. Called first in each clean-up, where a signal that arrived just before may
+    still raise (once) on the call: callers catch that SessionEnd."""
+    signal = signal_module()
+    for signum in stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # Where a launcher that hands pop3d something other than the client's own socket names the

@@ -326,6 +326,26 @@ def test_signal_at_random_instants_no_half_update_no_lock(env: Pop3Env, signum: 
     no_traceback(env)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_storm_of_signals_ends_the_session_once_without_a_traceback(env: Pop3Env, signum: int) -> None:
+    """A launcher stopping (systemctl stop, inetd killed with its children) may send the same
+    signal again while the session is already ending; each later one used to raise again out of
+    the clean-up and leave a traceback in the log (seen in CI)."""
+    data, _ = big_spool(env, 1)
+    for _ in range(8):
+        client = start(env)
+        assert client.login().startswith(b"+OK")
+        assert client.proc is not None
+        while client.proc.poll() is None:
+            try:
+                client.proc.send_signal(signum)
+            except ProcessLookupError:
+                break
+        read_to_eof(client.sock)
+        clean_end(env, client, (0, -signum))
+        assert env.spool_path().read_bytes() == data
+
+
 def test_sigpipe_is_harmless(env: Pop3Env) -> None:
     _, messages = big_spool(env, 8)
     client = start(env)
