@@ -1,8 +1,9 @@
 """The byte loops a session spends its CPU in: counting lines, finding From_ separators, the
-LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass), and taking the
-headers MUAs rewrite out of a header block before its UID digest (strip_volatile).
+LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass), taking the
+headers MUAs rewrite out of a header block before its UID digest (strip_volatile), and proving
+that the messages an index lists are still where and what it says (check_headers).
 
-Each is a bulk CPython bytes method below. When the optional C extension ``pop3d._speedups`` is
+Each is a bulk CPython bytes method (or zlib.crc32) below. When the optional C extension ``pop3d._speedups`` is
 built (``pip install`` builds it if a C compiler is there; without one, pop3d runs the same on
 these), its versions replace them: same results, at memchr/memcpy speed instead of ~0.5-2.5 GB/s.
 ``ACCELERATED`` says which are in use; the tests check the two agree on random data.
@@ -20,7 +21,16 @@ if TYPE_CHECKING:
     Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 # The byte loops with a C and a Python version (py_NAME), and the flag saying which are in use.
-__all__ = ["ACCELERATED", "count_lf", "separators", "strip_volatile", "to_crlf", "to_wire"]
+__all__ = ["ACCELERATED", "check_headers", "count_lf", "separators", "strip_volatile", "to_crlf", "to_wire"]
+
+# A message's record in mbox's listing (its _DIGEST_STRIDE): the UID digest first, then at
+# CHECK_AT a little-endian 32-bit word, the length of its From_ line + header block with the
+# empty line that ends it in the top two bits (CHECK_NO_BLANK, CHECK_LF, CHECK_CRLF), and the
+# CRC-32 of that block. _speedups.c has the same numbers.
+RECORD = 24
+CHECK_AT = 16
+CHECK_LENGTH = (1 << 30) - 1  # longer blocks are stored as CHECK_UNKNOWN: never proved
+CHECK_NO_BLANK, CHECK_LF, CHECK_CRLF, CHECK_UNKNOWN = 0, 1, 2, 3
 
 
 def py_count_lf(buf: bytes, start: int, end: int) -> int:
@@ -98,6 +108,48 @@ def _volatile_pattern() -> Pattern[bytes]:
     return _volatile[0]
 
 
+def py_check_headers(
+    buf: Buffer, ends: Buffer, width: int, seplen: Buffer, records: Buffer, first: int, stop: int
+) -> int:
+    """The first message i, first <= i < stop, that is no longer where and what a listing says,
+    or stop if none (the maildrop index proves a spool that grew with it, docs/INTERNALS.md).
+
+    Message i's From_ line is at ends[i - 1] + seplen[i - 1] (0 for the first), after the
+    separator listed (a LF, then LF or CR LF), and its From_ line + header block is as long as
+    its record says, is followed by the empty line it says, and has its CRC-32. `ends`: offsets
+    of `width` (4 or 8) octets in the host's order; `seplen`: an octet each; `records`: RECORD
+    octets a message. All read-only (the C version refuses others); ValueError if too short."""
+    import struct
+    import zlib
+
+    if width not in (4, 8):
+        raise ValueError("width must be 4 or 8")
+    offsets = memoryview(ends).cast("B").cast("I" if width == 4 else "Q")
+    if not 0 <= first <= stop <= len(records) // RECORD or (stop and (stop - 1 > len(offsets) or stop - 1 > len(seplen))):
+        raise ValueError("first and stop must be 0 <= first <= stop <= messages")
+    n = len(buf)
+    for i in range(first, stop):
+        at = 0
+        if i:
+            end, sep = offsets[i - 1], seplen[i - 1]
+            if not 1 <= end <= n - sep or sep not in (1, 2):
+                return i
+            if buf[end - 1 : end + sep] != (b"\n\n" if sep == 1 else b"\n\r\n"):
+                return i
+            at = end + sep
+        if buf[at : at + 5] != b"From ":
+            return i
+        word, crc = struct.unpack_from("<II", records, i * RECORD + CHECK_AT)
+        length, blank = word & CHECK_LENGTH, word >> 30
+        if blank == CHECK_UNKNOWN or at + length + blank > n:
+            return i
+        if buf[at + length : at + length + blank] != (b"", b"\n", b"\r\n")[blank]:
+            return i
+        if zlib.crc32(buf[at : at + length]) != crc:
+            return i
+    return stop
+
+
 def builtin_sha256() -> Callable[[bytes], Any]:
     """CPython's own SHA-256 constructor: built into the interpreter, so importing it loads no
     OpenSSL and reads no file (~0.05 ms; hashlib: ~2 ms of every session that imports it, and a
@@ -123,9 +175,11 @@ separators = py_separators
 to_crlf = py_to_crlf
 to_wire = py_to_wire
 strip_volatile = py_strip_volatile
+check_headers = py_check_headers
 ACCELERATED = False
 try:
     from pop3d._speedups import (  # type: ignore[no-redef]
+        check_headers,
         count_lf,
         separators,
         strip_volatile,

@@ -258,7 +258,7 @@ def recv_until(sock: socket.socket, terminator: bytes, limit: int = 1 << 26) -> 
     return data
 
 
-BULK_NAMES = ("count_lf", "separators", "strip_volatile", "to_crlf", "to_wire")
+BULK_NAMES = ("check_headers", "count_lf", "separators", "strip_volatile", "to_crlf", "to_wire")
 
 
 @pytest.fixture(scope="module", params=["C", "Python"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from array import array
 import os
 import sys
 
@@ -197,3 +198,92 @@ def test_strip_volatile_takes_out_exactly_the_rewritten_headers():
     if _speedups is not None:
         assert _speedups.strip_volatile(block) == kept
         assert _speedups.strip_volatile(kept) is kept  # nothing to take out: no copy
+
+
+# check_headers: spools of messages made of these pieces (LF and CRLF, headers or none, empty
+# lines, From_ lines in bodies), then edited in place the ways a mail reader could.
+message_pieces = st.sampled_from(
+    [b"Subject: s\n", b"X: y\r\n", b"\n", b"\r\n", b"body\n", b"From x\n", b">From q\n", b"z", b"\r"]
+)
+spools = st.lists(st.lists(message_pieces, max_size=8).map(b"".join), min_size=1, max_size=6).map(
+    lambda messages: b"".join(b"From a@b Mon Jan  1 00:00:00 2024\n" + m + b"\n" for m in messages)
+)
+
+
+def _headers_args(data: bytes) -> tuple:
+    from pop3d import mbox
+
+    listing = mbox.scan(data)
+    _, ends, _, seplen, records = listing.parts()
+    return listing, (ends.tobytes(), ends.itemsize, bytes(seplen), bytes(records))
+
+
+@needs_c
+@settings(max_examples=1500, deadline=None)
+@given(data=spools, edit=st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=3)), span=st.integers(0, 3))
+def test_check_headers_agrees_and_proves_a_scan(data, edit, span):
+    """On the spool a listing was scanned from, every message holds; after an edit in place
+    (any length), both versions find the same first message that no longer holds."""
+    listing, args = _headers_args(data)
+    assert _speedups.check_headers(data, *args, 0, listing.count) == listing.count
+    assert bulk.py_check_headers(data, *args, 0, listing.count) == listing.count
+    at, text = edit[0] % len(data), edit[1]
+    changed = data[:at] + text + data[at + span :]
+    for first in range(listing.count + 1):
+        for stop in (first, listing.count):
+            got = _speedups.check_headers(changed, *args, first, stop)
+            assert got == bulk.py_check_headers(changed, *args, first, stop)
+            assert first <= got <= stop
+
+
+def test_check_headers_finds_a_permutation_and_a_moved_boundary():
+    """The review's two cases: two messages of one size swapped (every From_ line where it was),
+    and octets moved from one message to the next (a From_ line moved)."""
+    from pop3d import mbox
+
+    def message(subject: bytes, body: bytes) -> bytes:
+        return b"From x@example.org Mon Jan  1 00:00:00 2024\nSubject: %s\n\n%s\n\n" % (subject, body)
+
+    a, b, c = message(b"AAAA", b"a" * 100), message(b"BBBB", b"b" * 100), message(b"CCCC", b"c" * 50)
+    listing, args = _headers_args(a + b + c)
+    permuted = b + a + c
+    moved = a[:-2] + b"XXXXX" + a[-2:] + b[:-7] + b[-2:] + c
+    assert len(permuted) == len(moved) == len(a + b + c)
+    assert mbox.scan(moved).from_offset(1) != listing.from_offset(1)
+    for check in (bulk.py_check_headers, *([_speedups.check_headers] if _speedups else [])):
+        assert check(permuted, *args, 0, 3) == 0
+        assert check(permuted, *args, 2, 3) == 3  # the third is untouched
+        assert check(moved, *args, 0, 3) == 1  # the first still starts and reads the same
+
+
+@needs_c
+def test_check_headers_takes_only_read_only_buffers_and_bounds_its_inputs(tmp_path):
+    data = b"From a\nS: 1\n\nx\n\nFrom b\nS: 2\n\ny\n"
+    listing, (ends, width, seplen, records) = _headers_args(data)
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as writable, mmap.mmap(
+        f.fileno(), 0, access=mmap.ACCESS_READ
+    ) as readable:
+        assert _speedups.check_headers(readable, ends, width, seplen, records, 0, 2) == 2
+        for bad in (bytearray(data), writable, memoryview(bytearray(data))):
+            with pytest.raises(TypeError, match="read-only"):
+                _speedups.check_headers(bad, ends, width, seplen, records, 0, 2)
+        with pytest.raises(TypeError, match="read-only"):
+            _speedups.check_headers(data, bytearray(ends), width, seplen, records, 0, 2)
+    for check in (_speedups.check_headers, bulk.py_check_headers):
+        for first, stop in ((0, 3), (-1, 1), (2, 1)):
+            with pytest.raises(ValueError, match="first and stop"):
+                check(data, ends, width, seplen, records, first, stop)
+        with pytest.raises(ValueError, match="first and stop"):
+            check(data, ends[:0], width, seplen, records, 0, 2)  # offsets too short for stop
+        with pytest.raises(ValueError, match="width"):
+            check(data, ends, 2, seplen, records, 0, 2)
+        # A record claiming a block longer than the buffer, or offsets past it: not held, no read beyond.
+        long = bytearray(records)
+        long[bulk.RECORD + bulk.CHECK_AT : bulk.RECORD + bulk.CHECK_AT + 4] = (bulk.CHECK_LENGTH).to_bytes(4, "little")
+        assert check(data, ends, width, seplen, bytes(long), 0, 2) == 1
+        far = array("I" if width == 4 else "Q", [2**31]).tobytes()
+        assert check(data, far, width, seplen, records, 0, 2) == 1
+        assert check(data[:-3], ends, width, seplen, records, 0, 2) == 1  # truncated spool
+        assert check(b"", ends, width, seplen, records, 0, 2) == 0
