@@ -1,12 +1,13 @@
 """The maildrop index: a cache of each spool's listing, kept between sessions, never trusted.
 
 Knows nothing of POP3. A `Record` is what a scan found (the listing's arrays, see
-`mbox.Listing.parts`), the spool's identity and state when it was scanned (device, inode, size,
-mtime, ctime) and a check (the CRC-32 of a stretch of the spool's bytes). `load` gives the
-record stored for a spool, or None (with a log line) when the file is missing, not ours, not a
-plain file, too big, damaged or of another version; `save` replaces it atomically (temporary
-file + rename; no fsync: losing it costs one scan). `maildrop` proves a record against the spool
-before using it (docs/INTERNALS.md, docs/DATA-SAFETY.md).
+`mbox.Listing.parts`: with each message's header check, what `maildrop` proves a grown spool
+with) and the spool's identity and state when it was scanned (device, inode, size, mtime,
+ctime). `load` gives the record stored for a spool, or None (with a log line) when the file is
+missing, not ours, not a plain file, too big, damaged or of another version, reading it straight
+into the arrays (never the whole file twice); `save` replaces it atomically (temporary file +
+rename; no fsync: losing it costs one scan). `maildrop` proves a record against the spool before
+using it (docs/INTERNALS.md, docs/DATA-SAFETY.md).
 
 Where the files live: `index_dir/UID/USER`, one directory per account (the uid the session runs
 as: htpasswd users share mail_user's), created by root before the privilege drop, owned by the
@@ -31,32 +32,32 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 _MAGIC = b"pop3didx"
-_VERSION = 1
-# magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, check lo, check hi, check CRC,
-# number of parts, kind length, spool path length
-_HEADER = struct.Struct("<8sIIQQQqqQQIIHH")
+# 2: each message's header check in its digest record; no check of a stretch of the spool.
+_VERSION = 2
+# magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, number of parts, kind length,
+# spool path length
+_HEADER = struct.Struct("<8sIIQQQqqIHH")
 _PART = struct.Struct("<c7xQ")  # typecode ("B": a bytearray), then the part's length in octets
 _BIG_ENDIAN = 1  # flag: the arrays were written by a big-endian host
 _MAX_PARTS = 16
+_READ = 1 << 20  # a part is read this much at a time (a multiple of every item size)
 
 
 class Record:
     """One spool's listing arrays as a scan left them, and the spool's state at that scan."""
 
-    __slots__ = ("check", "kind", "parts", "spool", "state")
+    __slots__ = ("kind", "parts", "spool", "state")
 
     def __init__(
         self,
         kind: bytes,
         spool: str,
         state: tuple[int, int, int, int, int],
-        check: tuple[int, int, int],
         parts: Sequence[array | bytearray],
     ) -> None:
         self.kind = kind  # what produced the arrays (scanner version, mbox format): must match
         self.spool = spool
         self.state = state  # the spool's (dev, ino, size, mtime_ns, ctime_ns): see `state`
-        self.check = check  # (lo, hi, CRC-32 of the spool's bytes [lo, hi))
         self.parts = list(parts)
 
 
@@ -134,17 +135,15 @@ def load(path: str, log: Callable[[str], None]) -> Record | None:
         if why:
             log(f"index {path}: {why}; ignored")
             return None
-        data = _read(fd, st.st_size)
+        return _decode(lambda n: _read(fd, n), st.st_size)
     except OSError as e:
         log(f"index {path}: cannot read ({e.strerror or e}); ignored")
         return None
-    finally:
-        os.close(fd)
-    try:
-        return _parse(data)
     except Exception as e:  # whatever the bytes are, the session goes on with a scan
         log(f"index {path}: {e}; ignored")
         return None
+    finally:
+        os.close(fd)
 
 
 def save(path: str, record: Record, log: Callable[[str], None]) -> bool:
@@ -214,18 +213,19 @@ def _unusable(st: os.stat_result) -> str:
     return ""
 
 
-def _read(fd: int, size: int) -> bytearray:
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        n = os.readv(fd, [view[got:]])
-        if not n:
-            break
-        got += n
-    del view
-    if got < size:
-        del data[got:]
+def _read(fd: int, size: int) -> bytes:
+    """The next `size` octets of fd; fewer only at its end."""
+    data = os.read(fd, size)
+    if len(data) < size and data:
+        pieces = [data]
+        got = len(data)
+        while got < size:
+            more = os.read(fd, size - got)
+            if not more:
+                break
+            pieces.append(more)
+            got += len(more)
+        data = b"".join(pieces)
     return data
 
 
@@ -235,16 +235,12 @@ def _flags() -> int:
 
 def _serialize(record: Record) -> list[bytes | array | bytearray]:
     kind, spool = record.kind, os.fsencode(record.spool)
-    lo, hi, crc = record.check
     head = [
         _HEADER.pack(
             _MAGIC,
             _VERSION,
             _flags(),
             *record.state,
-            lo,
-            hi,
-            crc,
             len(record.parts),
             len(kind),
             len(spool),
@@ -263,48 +259,62 @@ def _serialize(record: Record) -> list[bytes | array | bytearray]:
     return blobs
 
 
-def _parse(data: bytearray) -> Record:
-    if len(data) < _HEADER.size + 4:
+def _parse(data: bytes | bytearray) -> Record:
+    """The record in `data`, a whole index file (ValueError if it is not one)."""
+    at = 0
+
+    def read(n: int) -> bytes:
+        nonlocal at
+        at += n
+        return bytes(data[at - n : at])
+
+    return _decode(read, len(data))
+
+
+def _decode(read: Callable[[int], bytes], total: int) -> Record:
+    """The record in a file of `total` octets, read in order with `read(n)` (the next n octets,
+    fewer at the end): the header, then each part straight into its array, a piece at a time;
+    ValueError if it is not a whole record of this version."""
+    head = read(_HEADER.size)
+    if len(head) < _HEADER.size:
         raise ValueError("truncated")
-    (magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, lo, hi, crc, nparts, kind_len, spool_len) = (
-        _HEADER.unpack_from(data)
-    )
+    (magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, nparts, kind_len, spool_len) = _HEADER.unpack(head)
     if magic != _MAGIC:
         raise ValueError("not a pop3d index")
     if version != _VERSION or flags != _flags():
         raise ValueError(f"version {version}, flags {flags}: not this version's")
-    body = memoryview(data)[:-4]
-    if zlib.crc32(body) != struct.unpack_from("<I", data, len(data) - 4)[0]:
-        raise ValueError("checksum mismatch (damaged)")
     if nparts > _MAX_PARTS:
         raise ValueError("too many parts")
-    at = _HEADER.size
-    kind = bytes(body[at : at + kind_len])
-    at += kind_len
-    spool = os.fsdecode(bytes(body[at : at + spool_len]))
-    at += spool_len
+    names = read(kind_len + spool_len + nparts * _PART.size)
+    if len(names) < kind_len + spool_len + nparts * _PART.size:
+        raise ValueError("truncated")
+    checksum = zlib.crc32(names, zlib.crc32(head))
+    kind = names[:kind_len]
+    spool = os.fsdecode(names[kind_len : kind_len + spool_len])
     layout = []
-    for _ in range(nparts):
-        code, length = _PART.unpack_from(body, at)
-        layout.append((code.decode("ascii"), length))
-        at += _PART.size
+    for k in range(nparts):
+        code, length = _PART.unpack_from(names, kind_len + spool_len + k * _PART.size)
+        if code not in (b"B", b"I", b"Q") or length % array(code.decode()).itemsize:
+            raise ValueError(f"a part of type {code!r} and {length} octets")
+        layout.append((code.decode(), length))
+    whole = _HEADER.size + len(names) + sum(length for _, length in layout) + 4
+    if whole != total:
+        raise ValueError("truncated" if whole > total else "trailing data")
     parts: list[array | bytearray] = []
     for code, length in layout:
-        blob = body[at : at + length]
-        if len(blob) != length:
-            raise ValueError("truncated")
-        at += length
-        if code == "B":
-            parts.append(bytearray(blob))
-        elif code in ("I", "Q"):
-            part = array(code)
-            if length % part.itemsize:
-                raise ValueError("a part is not whole")
-            part.frombytes(blob)
-            parts.append(part)
-        else:
-            raise ValueError(f"unknown part type {code!r}")
-    if at != len(body):
-        raise ValueError("trailing data")
-    del body
-    return Record(kind, spool, (dev, ino, size, mtime_ns, ctime_ns), (lo, hi, crc), parts)
+        part = bytearray() if code == "B" else array(code)
+        while length:
+            piece = read(min(length, _READ))
+            if not piece:
+                raise ValueError("truncated")
+            checksum = zlib.crc32(piece, checksum)
+            if code == "B":
+                part += piece  # type: ignore[operator]
+            else:
+                part.frombytes(piece)  # type: ignore[union-attr]
+            length -= len(piece)
+        parts.append(part)
+    stored = read(4)
+    if len(stored) != 4 or checksum != struct.unpack("<I", stored)[0]:
+        raise ValueError("checksum mismatch (damaged)")
+    return Record(kind, spool, (dev, ino, size, mtime_ns, ctime_ns), parts)

@@ -101,11 +101,9 @@ PROXY_HEADER_MAX = 2048
 DEFAULT_PROXY_TIMEOUT = 5.0
 # index: the default index_dir (docs/DATA-SAFETY.md): a cache, rebuilt by one scan when lost.
 DEFAULT_INDEX_DIR = "/var/cache/pop3d"
-# index: largest index file read or written (29 octets a message: ~2 million messages).
+# index: largest index file read or written (37 octets a message: ~1.8 million messages). Read
+# straight into the listing's arrays: a session holds it once.
 INDEX_MAX_BYTES = 64 * 1024 * 1024
-# index: octets before the last indexed From_ line whose CRC-32 must match before the index is
-# used (with that From_ line itself): a lock-ignoring truncation or rewrite of the end shows here.
-INDEX_CHECK_BEFORE = 64 * 1024
 # index: longest wait, after pop3d's own update, for the clock to pass the spool's new ctime so
 # that the fresh index can be trusted (one kernel tick, 4 ms at HZ=250; more: no index written).
 INDEX_SETTLE_WAIT = 0.02

@@ -200,11 +200,13 @@ class Maildrop:
         "_brief",
         "_buf",
         "_closed",
+        "_content_proved",
         "_fd",
         "_fmt",
         "_fresh_fd",
         "_head",
         "_index",
+        "_indexed",
         "_length",
         "_lock",
         "_lock_ok",
@@ -229,6 +231,7 @@ class Maildrop:
         log: Callable[[str], None],
         index: str | None = None,
         scanned: int | None = None,
+        indexed: int = 0,
     ) -> None:
         self.path = path
         self.listing = listing
@@ -240,6 +243,10 @@ class Maildrop:
         self._fmt = fmt
         self._log = log
         self._index = index  # the index file (pop3d/index.py) the update refreshes, if any
+        # Messages [0, indexed) came from the index: their content is proved before it is sent
+        # or deleted (see "the index" below); those proved so far.
+        self._indexed = indexed
+        self._content_proved: set[int] = set()
         self._length = int(listing.scanned_length)
         self._head = bytes(buf[:_FINGERPRINT])
         self._tail = bytes(buf[max(0, self._length - _FINGERPRINT) : self._length])
@@ -365,11 +372,12 @@ class Maildrop:
             st = os.fstat(fd) if fd is not None else None
             if st is not None and st.st_size:
                 buf = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)  # type: ignore[arg-type]
+            indexed = 0
             if index and st is not None:
-                listing, scanned = _indexed_scan(index, path, st, now, buf, fmt, log)
+                listing, scanned, indexed = _indexed_scan(index, path, st, now, buf, fmt, log)
             else:
                 listing, scanned = mbox.scan(buf, fmt), None
-            return cls(path, fd, buf, listing, lock, fmt, log, index, scanned)
+            return cls(path, fd, buf, listing, lock, fmt, log, index, scanned, indexed)
         except BaseException as e:
             if isinstance(buf, mmap.mmap):
                 buf.close()
@@ -397,6 +405,8 @@ class Maildrop:
         """
         from . import mbox
 
+        if index < self._indexed and index not in self._content_proved:
+            _prove_content(self, index)
         reader = self._message_reader()
         return mbox.iter_message(reader, self.listing, index, body_lines, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
@@ -405,6 +415,8 @@ class Maildrop:
         iter_message. MaildropTempError if the spool was truncated under us."""
         from . import mbox
 
+        if index < self._indexed and index not in self._content_proved:
+            _prove_content(self, index)
         reader = self._message_reader()
         return mbox.message_bytes(reader, self.listing, index, fmt=self._fmt, wire=wire)  # type: ignore[arg-type]
 
@@ -568,8 +580,12 @@ class Maildrop:
                 if after < count:
                     boundaries.append(listing.from_offset(after))
         size = self._check_unchanged(boundaries, fresh)
+        # Brief locks: another program wrote during the session (what the fresh index proves).
+        written = fresh is not None and (self._quiet is None or _state(fresh) != self._quiet)
         if fresh is not None:
             self._check_deleted(order, fresh)
+        if self._indexed:
+            _prove_deleted(self, order)
         length = self._length
         if size > length:  # appended after the scan: delivered (brief) or by a writer ignoring locks
             if not self._brief:
@@ -588,7 +604,7 @@ class Maildrop:
                 "update aborted, nothing written"
             ) from None
         if self._index:
-            _index_after_update(self._index, self.path, fd, listing, order, self._fmt, self._log)
+            _index_after_update(self._index, self.path, fd, listing, order, self._fmt, self._log, written)
 
     def _relock(self) -> os.stat_result:
         """Brief MDA locks: take them again for the update (an MDA holding them a moment is
@@ -785,13 +801,21 @@ class _PreadBuffer:
 # ------------------------------------------------------------------------------ the index
 #
 # pop3d/index.py keeps each spool's listing between sessions; nothing it holds is believed
-# before the spool proves it here. A record is used as it is only when the spool's device,
-# inode, size, mtime and ctime are those it recorded (a writer can put the mtime back; only the
-# kernel sets the ctime) and the bytes it relies on still hold (the last indexed From_ line and
-# the CRC-32 of the INDEX_CHECK_BEFORE octets before it). A spool that only grew, with those
-# bytes intact, is scanned from that last From_ line on. Anything else is a full scan, and the
-# record is rewritten. A record is written only with a stat the clock had already passed
-# (_settled): a later change cannot then leave the ctime as it was.
+# before the spool proves it here (docs/DATA-SAFETY.md, "The index"). A record is used as it is
+# only when the spool's device, inode, size, mtime and ctime are those it recorded (a writer can
+# put the mtime back; only the kernel sets the ctime): no byte was written since. A spool that
+# grew is scanned from the record's last From_ line on, once every message before it has proved
+# to be where and what the record says: its From_ line after its separator, and its From_ line
+# + header block (what its start and its UID come from) of the length and CRC-32 the scan stored
+# (bulk.check_headers, ~0.5 us a message). Anything else is a full scan, and a new record.
+#
+# What that proof leaves out is the bodies: a same-length edit in place of an earlier message's
+# body, by a program that took the locks, could change its line ends (its LIST size) or write a
+# From_ line into it (a message a full scan would list). So before a message the record listed
+# is sent (RETR, TOP) or deleted, its content is proved too (mbox.same_content,
+# mbox.only_listed_boundaries); a failure refuses it and drops the index, so the next session
+# scans. A record is written only with a stat the clock had already passed (_settled): a later
+# change cannot then leave the ctime as it was.
 
 
 def _state(st: os.stat_result) -> tuple[int, ...]:
@@ -836,19 +860,42 @@ def _index_kind(fmt: str) -> bytes:
     )
 
 
-def _check_range(listing: Listing) -> tuple[int, int]:
-    """The spool bytes a record relies on: its last From_ line and INDEX_CHECK_BEFORE before it."""
-    if not listing.count:
-        return 0, 0
-    last = listing.count - 1
-    at = listing.from_offset(last)
-    return max(0, at - limits.INDEX_CHECK_BEFORE), min(listing.start(last), at + 1024)
+# Messages whose headers one bulk.check_headers call proves: the pages it maps are released
+# after each batch (a page fault maps 64 KiB around it), so RSS stays flat.
+_CHECK_BATCH = 64
 
 
-def _crc(buf: mmap.mmap | bytes, lo: int, hi: int) -> int:
-    import zlib
+def _headers_changed(buf: mmap.mmap | bytes, listing: Listing, first: int, stop: int) -> int:
+    """The first message in [first, stop) whose From_ line or header block is no longer what
+    `listing` recorded (bulk.check_headers), or stop if none."""
+    from . import bulk, mbox
 
-    return zlib.crc32(buf[lo:hi])
+    _, ends, _, seplen, records = listing.parts()
+    args = (ends.tobytes(), ends.itemsize, bytes(seplen), bytes(records))
+    released = at = listing.from_offset(first)
+    i = first
+    while i < stop:
+        j = min(stop, i + _CHECK_BATCH)
+        bad = bulk.check_headers(buf, args[0], args[1], args[2], args[3], i, j)
+        if bad < j:
+            mbox.release_pages(buf, released, listing.from_offset(bad))
+            return bad
+        at = listing.from_offset(j)
+        if at - released >= _RELEASE_BATCH * 2:
+            mbox.release_pages(buf, released, at)
+            released = at
+        i = j
+    mbox.release_pages(buf, released, at)
+    return stop
+
+
+def _from_line_holds(buf: mmap.mmap | bytes, listing: Listing, index: int) -> bool:
+    """Message `index`'s From_ line is still at its offset, after the separator listed."""
+    at = listing.from_offset(index)
+    if not index:
+        return buf[:5] == b"From "
+    end = listing.end(index - 1)
+    return buf[end - 1 : at + 5] == (b"\n\n" if at - end == 1 else b"\n\r\n") + b"From "
 
 
 def _indexed_scan(
@@ -859,10 +906,11 @@ def _indexed_scan(
     buf: mmap.mmap | bytes,
     fmt: str,
     log: Callable[[str], None],
-) -> tuple[Listing, int]:
-    """The listing of the spool mapped in `buf` (stat `st`, taken at `now`), and how many of its
-    octets were scanned: from the record in `index_file` if the spool proves it right, else
-    scanned (from where the record stops, if the spool only grew); the record refreshed."""
+) -> tuple[Listing, int, int]:
+    """The listing of the spool mapped in `buf` (stat `st`, taken at `now`), how many of its
+    octets were scanned, and how many of its first messages the record listed: from the record
+    in `index_file` if the spool proves it right, else scanned (from the record's last message
+    on, if the spool only grew and proved the rest); the record refreshed."""
     from . import index, mbox
 
     kind = _index_kind(fmt)
@@ -874,15 +922,15 @@ def _indexed_scan(
         except Exception as e:  # a record that does not fit the spool (crafted, or a bug): scan
             log(f"index {index_file}: {e!r}; scanning the whole spool")
     if proved is None:
-        listing, start = mbox.scan(buf, fmt), 0
+        listing, start, indexed = mbox.scan(buf, fmt), 0, 0
     else:
-        listing, start = proved
+        listing, start, indexed = proved
         if start < 0:  # the record is current
-            return listing, 0
+            return listing, 0, indexed
     scanned = len(buf) - start
     if _settled(now, st.st_ctime_ns):
-        _save_index(index_file, kind, path, index.state(st), buf, listing, log)
-    return listing, scanned
+        _save_index(index_file, kind, path, index.state(st), listing, log)
+    return listing, scanned, indexed
 
 
 def _proved(
@@ -894,9 +942,11 @@ def _proved(
     fmt: str,
     index_file: str,
     log: Callable[[str], None],
-) -> tuple[Listing, int] | None:
-    """The record's listing and -1 if the spool is still what it describes; if it only grew,
-    the listing resumed from the record and the offset the scan resumed at; else None."""
+) -> tuple[Listing, int, int] | None:
+    """The record's listing, -1 and its message count if the spool is still what it describes;
+    if it only grew and every message but the last proves unchanged, the listing resumed from
+    the record, the offset the scan resumed at and the number of messages taken as they were;
+    else None."""
     from . import index, mbox
 
     assert isinstance(record, index.Record)
@@ -907,19 +957,20 @@ def _proved(
     if state != record.state and st.st_size <= size:
         return None  # rewritten (a same-size rewrite changes the ctime), or truncated
     prior = mbox.Listing.from_parts(record.parts, size)
-    lo, hi, crc = record.check
-    if (lo, hi) != _check_range(prior):
-        raise ValueError("its check does not cover its last message")
-    if _crc(buf, lo, hi) != crc:
-        if state == record.state:
-            log(f"index {index_file}: the spool's bytes differ from what it recorded; scanning")
-        return None
-    if state == record.state:
-        return prior, -1
     if not prior.count:
-        return None  # it recorded an empty spool: nothing to resume from
+        return (prior, -1, 0) if state == record.state else None  # empty then: nothing to resume
     last = prior.count - 1
-    return mbox.resume(buf, prior, last, fmt), prior.from_offset(last)
+    if state == record.state:
+        # Not written since (the ctime says so); the last message's header, as a cheap belt.
+        if _headers_changed(buf, prior, last, last + 1) == last + 1:
+            return prior, -1, prior.count
+        log(f"index {index_file}: the spool's bytes differ from what it recorded; scanning")
+        return None
+    changed = _headers_changed(buf, prior, 0, last)
+    if changed < last or not _from_line_holds(buf, prior, last):
+        log(f"index {index_file}: message {changed + 1} is not where or what it recorded; scanning")
+        return None
+    return mbox.resume(buf, prior, last, fmt), prior.from_offset(last), last
 
 
 def _save_index(
@@ -927,15 +978,64 @@ def _save_index(
     kind: bytes,
     path: str,
     state: tuple[int, int, int, int, int],
-    buf: mmap.mmap | bytes,
     listing: Listing,
     log: Callable[[str], None],
 ) -> None:
     from . import index
 
-    lo, hi = _check_range(listing)
-    record = index.Record(kind, path, state, (lo, hi, _crc(buf, lo, hi)), listing.parts())
-    index.save(index_file, record, log)
+    index.save(index_file, index.Record(kind, path, state, listing.parts()), log)
+
+
+def _drop_index(md: Maildrop, why: str) -> None:
+    """A proof failed: the index goes (the next session scans) and is not rewritten by us."""
+    index_file, md._index = md._index, None  # its messages are still proved before use
+    if index_file is None:
+        return
+    md._log(f"index {index_file}: {why}; dropped, the next session scans the whole spool")
+    try:
+        os.unlink(index_file)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        md._log(f"index {index_file}: cannot remove it ({_why(e)})")
+
+
+def _prove_content(md: Maildrop, index: int) -> None:
+    """Before message `index` is sent: if the record listed it, its content is what a full scan
+    finds (mbox.same_content), else MaildropChangedError (nothing of it is sent) and no index."""
+    from . import mbox
+
+    if mbox.same_content(md._message_reader(), md.listing, index, md._fmt):
+        md._content_proved.add(index)
+        return
+    _drop_index(md, f"message {index + 1}'s content is not what it listed")
+    raise MaildropChangedError(
+        f"{md.path}: message {index + 1} was rewritten in place since it was indexed "
+        "(its size or its From_ lines); not sent"
+    )
+
+
+def _prove_deleted(md: Maildrop, order: Sequence[int]) -> None:
+    """Before the update, under the locks: no run of deleted messages that the record listed
+    holds another message (a From_ line written into a body: mbox.only_listed_boundaries),
+    else MaildropTempError (nothing deleted) and no index."""
+    from . import mbox
+
+    runs: list[list[int]] = []
+    for index in order:
+        if index >= md._indexed or index in md._content_proved:
+            continue
+        if runs and runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, index + 1])
+    for first, after in runs:
+        if not mbox.only_listed_boundaries(md._buf, md.listing, first, after):
+            _drop_index(md, f"messages {first + 1}-{after} hold a message it did not list")
+            raise MaildropTempError(
+                f"{md.path}: a message was written into message {first + 1}..{after} in place since "
+                "it was indexed; update aborted, nothing deleted"
+            )
 
 
 def _index_after_update(
@@ -946,10 +1046,13 @@ def _index_after_update(
     deleted: list[int],
     fmt: str,
     log: Callable[[str], None],
+    written: bool,
 ) -> None:
     """After our own update, under the locks: the record of the spool as it now is, from the
-    old listing without the deleted messages (moved down), the last one rescanned. Waits up to
-    INDEX_SETTLE_WAIT for the clock to pass the update's ctime; never fails the update."""
+    old listing without the deleted messages (moved down), the last one rescanned. `written`:
+    another program wrote to the spool during the session (brief MDA locks): the kept messages
+    then prove their headers at their new offsets first. Waits up to INDEX_SETTLE_WAIT for the
+    clock to pass the update's ctime; never fails the update."""
     from . import index, mbox
 
     try:
@@ -967,8 +1070,18 @@ def _index_after_update(
         if st.st_size:
             buf = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         try:
-            fresh = mbox.resume(buf, kept, max(kept.count - 1, 0), fmt)
-            _save_index(index_file, _index_kind(fmt), path, index.state(st), buf, fresh, log)
+            last = max(kept.count - 1, 0)
+            if written and kept.count and (
+                _headers_changed(buf, kept, 0, last) < last or not _from_line_holds(buf, kept, last)
+            ):
+                log(f"index {index_file}: rewritten during the session; dropped, the next session scans")
+                try:
+                    os.unlink(index_file)
+                except FileNotFoundError:
+                    pass
+                return
+            fresh = mbox.resume(buf, kept, last, fmt)
+            _save_index(index_file, _index_kind(fmt), path, index.state(st), fresh, log)
         finally:
             if isinstance(buf, mmap.mmap):
                 buf.close()

@@ -61,15 +61,21 @@ __all__ = [
     "message_bytes",
     "release_pages",
     "resume",
+    "only_listed_boundaries",
+    "same_content",
     "same_message",
     "scan",
 ]
 
 # The maildrop index stores listings (pop3d/index.py): bump this whenever scan() would give other
 # arrays for the same bytes, so that no index written by an older scanner is used.
-LISTING_VERSION = 1
+LISTING_VERSION = 2
 _DIGEST_SIZE = 12  # octets of the header digest kept in a UID: 24 hex digits
-_DIGEST_STRIDE = 16  # octets stored per message: the UID's 12, then 4 more (8-octet aligned records)
+_SHA_KEPT = 16  # octets of the SHA-256 stored per message: the UID's 12, then 4 more
+# Octets stored per message (8-octet aligned records): the SHA-256's, then the header check the
+# maildrop index proves a grown spool with (bulk.check_headers: the block's length and CRC-32).
+_DIGEST_STRIDE = bulk.RECORD
+_CHECK = bulk.CHECK_AT
 _HEX_BLOCK_BITS = 12  # uid() converts the digests of 4096 messages to hex at once (128 KiB)
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
@@ -119,7 +125,7 @@ class Listing:
         self._end = end
         self._size = size
         self._seplen = seplen  # octets of the blank separator line after end(i): 0 for the last
-        self._digests = digests  # _DIGEST_STRIDE octets per message, the UID's digest first
+        self._digests = digests  # _DIGEST_STRIDE octets per message: digest, then header check
         self._dups = dups  # index -> occurrence number (2, 3...) of a repeated digest; None: not yet
         self._hex = b""  # hex digits of the digests of one block of messages (see uid)
         self._hex_block = -1
@@ -204,9 +210,9 @@ class Listing:
         return out
 
     def digest(self, index: int) -> bytes:
-        """The digest record the scan stored for the message (its UID's digest first)."""
+        """The SHA-256 octets the scan stored for the message (its UID's digest first)."""
         self._check(index)
-        return bytes(self._digests[index * _DIGEST_STRIDE : (index + 1) * _DIGEST_STRIDE])
+        return bytes(self._digests[index * _DIGEST_STRIDE : index * _DIGEST_STRIDE + _SHA_KEPT])
 
     def from_offset(self, index: int) -> int:
         """Offset of the message's From_ line; ``from_offset(count)`` is ``scanned_length``."""
@@ -342,6 +348,18 @@ def _sha256_for(length: int) -> Callable[[bytes], Any]:
 _openssl_sha256: Callable[[bytes], Any] | bool | None = None  # hashlib's, or False: not importable
 
 
+def _check_struct() -> Any:
+    import struct
+
+    return struct.Struct("<II")
+
+
+def _crc32() -> Callable[[bytes], int]:
+    import zlib
+
+    return zlib.crc32
+
+
 def _releaser(buf: Buffer) -> Callable[[int, int], None] | None:
     """A function dropping [lo, hi) of a mapping from our RSS (the pages stay in the page cache)."""
     if _MADV_DONTNEED is None or not isinstance(buf, mmap.mmap):
@@ -447,7 +465,100 @@ def same_message(buf: Buffer, listing: Listing, index: int, base: int = 0) -> bo
             return None  # the header block may go on past the window
         blank = hl
     digest = _sha256_for(listing.scanned_length)(bulk.strip_volatile(buf[q:blank])[:cap]).digest()
-    return digest[:_DIGEST_STRIDE] == listing.digest(index)
+    return digest[:_SHA_KEPT] == listing.digest(index)
+
+
+def same_content(buf: Buffer, listing: Listing, index: int, fmt: str = "mboxo") -> bool:
+    """True if a full scan would find message `index`'s content as listed, its From_ line being
+    where it was: no From_ separator inside it (a full scan would cut it there), its end where
+    listed (the next From_ line after its separator, or the spool's end), and the sent size
+    listed (its line ends, and in mboxrd its quoted From lines, counted again).
+
+    What the maildrop index does not prove of a spool that grew (its From_ lines and header
+    blocks only, bulk.check_headers): a same-length edit of a body in place. The session proves
+    this before it sends or deletes a message the index listed. Reads the content once, a
+    window at a time (`buf` may be maildrop's pread reader: slices and find only).
+    """
+    s, e = listing.start(index), listing.end(index)
+    if listing.scanned_length > len(buf) or not _end_holds(buf, listing, index):
+        return False
+    size, found = _recount(buf, s, e, _is_rd(fmt), None)
+    return not found and size == listing.size(index)
+
+
+def only_listed_boundaries(buf: Buffer, listing: Listing, first: int, after: int) -> bool:
+    """True if a full scan would find no message boundary in messages [first, after) (a run
+    about to be deleted) but the listed From_ lines between them: no other message is in those
+    bytes. Through a mapping, released behind the reader."""
+    s, e = listing.start(first), listing.end(after - 1)
+    if listing.scanned_length > len(buf) or not _end_holds(buf, listing, after - 1):
+        return False
+    _, found = _recount(buf, s, e, False, _releaser(buf))
+    return found == [listing.from_offset(k) - 1 for k in range(first + 1, after)]
+
+
+def _end_holds(buf: Buffer, listing: Listing, index: int) -> bool:
+    """Message `index`'s content still ends where listed: at the separator before the next
+    From_ line, or (the last) where the scanner ends it, before one trailing blank line."""
+    e = listing.end(index)
+    if index + 1 < listing.count:
+        at = listing.from_offset(index + 1)
+        return buf[e - 1 : at + 5] == (b"\n\n" if at - e == 1 else b"\n\r\n") + b"From "
+    s, n = listing.start(index), listing.scanned_length
+    if s < n and buf[n - 1] == 10:
+        if buf[n - 2] == 10:
+            return e == n - 1
+        if n - s >= 2 and buf[n - 2] == 13 and buf[n - 3] == 10:
+            return e == n - 2
+    return e == n
+
+
+def _recount(
+    buf: Buffer, s: int, e: int, rd: bool, release: Callable[[int, int], None] | None
+) -> tuple[int, list[int]]:
+    """Over [s, e), s just after a From_ line's LF: the sent size it has as one message's
+    content, and the separators (bulk.separators' LF offsets) a full scan finds in it. Windows
+    cut as the scanner cuts them, so that no CR LF pair, quoted line or separator straddles two."""
+    w = max(limits.MBOX_SCAN_WINDOW, 4)
+    count_lf, separators = bulk.count_lf, bulk.separators
+    lf = crlf = quoted = 0
+    found: list[int] = []
+    lo = released = s
+    while lo < e:
+        hi = lo + w
+        lined = True
+        if hi >= e:
+            hi = e
+        else:
+            k = buf.rfind(b"\n", lo, hi)
+            if k >= 0:
+                hi = k + 1
+            else:
+                lined = False
+                if buf[hi - 1] == 13:
+                    hi -= 1
+        base = lo - 2 if lo - 2 > s - 1 else s - 1  # look-behind, from the From_ line's LF on
+        chunk = buf[base : hi + 5 if hi + 5 < e else e]  # look-ahead for "From " after a LF
+        a, b = lo - base, hi - base
+        lf += count_lf(chunk, a, b)
+        if b"\r" in chunk:
+            crlf += chunk.count(b"\r\n", a, b)
+        if rd:
+            if lined:
+                quoted += len(_quoted_lines(chunk, a, b))
+            elif chunk[a - 1] == 10 and chunk[a] == 62 and _quoted_from(buf, lo, e):
+                quoted += 1  # a line longer than the window: ask buf, the window may hold only ">"
+        found += [base + r for r in separators(chunk, a, b)]
+        lo = hi
+        del chunk
+        if release is not None and lo - _MAP_MARGIN - released >= w:
+            cut = (lo - _MAP_MARGIN) & _PAGE_MASK
+            release(released, cut)
+            released = cut
+    if release is not None:
+        release(released, e)
+    size = (e - s) + lf - crlf - quoted + (2 if e > s and buf[e - 1] != 10 else 0)
+    return size, found
 
 
 def _dedup(digests: bytearray, count: int) -> dict[int, int]:
@@ -669,6 +780,9 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     rx_start = _regexes()[0] if rd else None
     strip_volatile = bulk.strip_volatile
     sha256 = _sha256_for(n - start)  # what is hashed here: a resumed scan's tail is small
+    pack = _check_struct().pack
+    crc32 = _crc32()
+    check_length, unknown = bulk.CHECK_LENGTH, bulk.CHECK_UNKNOWN << 30
     count_lf, separators = bulk.count_lf, bulk.separators
     release = _releaser(buf)
     offset_code, size_code = _typecodes(len(buf))
@@ -679,11 +793,13 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     digests = bytearray()
 
     def begin(q: int, s: int, chunk: bytes, base: int, cr: bool = True) -> None:
-        """Digest of a new message's From_ line + header block, read while its pages are hot.
+        """Digest and check of a new message's From_ line + header block, read while its pages
+        are hot.
 
         Searched in the window when it holds the header (chunk offsets from base), else in buf.
         Not bounded by the content end (unknown yet): the first empty line after the From_ line
-        is in the header, or it is the separator (or trailing) blank line: the same block.
+        is in the header, or it is the separator (or trailing) blank line: the same block. The
+        check: the block's length, the empty line after it, and its CRC-32 (bulk.check_headers).
         """
         hl = s + 2 * cap if s + 2 * cap < n else n
         top = hl - base
@@ -696,12 +812,17 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
                 blank += 1
         if blank >= 0:
             block = chunk[q - base : blank]
+            form = 1 if chunk[blank] == 10 else 2  # CHECK_LF, CHECK_CRLF
         elif top <= len(chunk):
             block = chunk[q - base : top]
+            form = 0  # CHECK_NO_BLANK
         else:  # the header runs past the window
             blank = _blank_line(buf, s - 1, hl, w)
             block = buf[q : blank if blank >= 0 else hl]
-        digests.extend(sha256(strip_volatile(block)[:cap]).digest()[:_DIGEST_STRIDE])
+            form = 0 if blank < 0 else 1 if buf[blank] == 10 else 2
+        digests.extend(sha256(strip_volatile(block)[:cap]).digest()[:_SHA_KEPT])
+        length = len(block)
+        digests.extend(pack(length | form << 30 if length <= check_length else unknown, crc32(block)))
 
     # The message being scanned: From_ line at q, content from s; counts over [q, here).
     s = _find_lf(buf, start, n, w, release) + 1 or n  # no LF at all: a lone empty message

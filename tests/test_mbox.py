@@ -806,14 +806,15 @@ def test_duplicate_numbering_in_ranges_of_prefixes(count):
     import random
 
     rnd = random.Random(count)
-    digests = bytearray(rnd.randbytes(16 * count))
+    k = mbox._DIGEST_STRIDE
+    digests = bytearray(rnd.randbytes(k * count))
     twins = {(count - 1, 0), (count // 2, 1), (count // 3, 1)} if count > 3 else {(2, 0)}
     for dst, src in twins:  # a twin of an earlier message (same 12-octet UID digest)
-        digests[16 * dst : 16 * dst + 12] = digests[16 * src : 16 * src + 12]
+        digests[k * dst : k * dst + 12] = digests[k * src : k * src + 12]
     seen: dict[bytes, int] = {}
     expected = {}
     for i in range(count):
-        key = bytes(digests[16 * i : 16 * i + 12])
+        key = bytes(digests[k * i : k * i + 12])
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > 1:
             expected[i] = seen[key]
@@ -867,6 +868,88 @@ def test_same_message_sees_a_permutation_of_equal_sizes():
     # Only headers a mail reader rewrites changed (Status): the same message, by its UID.
     listing = mbox.scan(mbox_of(b"Subject: a\nStatus: O\n\nx\n", b"Subject: b\n\ny\n"))
     assert mbox.same_message(mbox_of(b"Subject: a\nStatus: R\n\nx\n", b"Subject: b\n\ny\n"), listing, 0)
+
+
+# ------------------------------ header checks and content proofs: what the maildrop index proves
+
+
+def _headers_hold(data: bytes, listing: mbox.Listing) -> int:
+    from pop3d import bulk
+
+    _, ends, _, seplen, records = listing.parts()
+    return bulk.check_headers(data, ends.tobytes(), ends.itemsize, bytes(seplen), bytes(records), 0, listing.count)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    content=contents,
+    fmt=st.sampled_from(["mboxo", "mboxrd"]),
+    scan_window=st.integers(1, 40),
+    cap=st.integers(1, 30),
+    parallel=st.booleans(),
+    edit=st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=4)),
+    run=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)),
+)
+def test_property_content_proofs_say_what_a_full_scan_finds(content, fmt, scan_window, cap, parallel, edit, run):
+    """Every message of an unchanged spool proves its header check (whatever the windows, the
+    cap or the split: the same records as a plain scan) and its content. After a same-length
+    edit inside a message's content, same_content says whether a full scan still finds that
+    content where and as long as listed, and only_listed_boundaries whether a full scan finds
+    no other message boundary in a run of messages around it."""
+    data = b"From " + content
+    plain = mbox.scan(data, fmt)
+    saved = limits.UID_HEADER_CAP
+    limits.UID_HEADER_CAP = cap
+    try:
+        with small_windows(scan_window, 8):
+            listing = mbox.scan(data, fmt, parallel_min=1 if parallel else 0)
+            assert _headers_hold(data, listing) == listing.count
+            assert all(mbox.same_content(data, listing, i, fmt) for i in range(listing.count))
+            assert mbox.only_listed_boundaries(data, listing, 0, listing.count)
+            if cap == saved:
+                assert listing.parts()[4] == plain.parts()[4]
+            i = edit[0] % listing.count
+            s, e = listing.start(i), listing.end(i)
+            if e == s:
+                return
+            at = s + edit[0] % (e - s)
+            text = edit[1][: e - at]
+            changed = data[:at] + text + data[at + len(text) :]
+            full = mbox.scan(changed, fmt)
+            kept = any(
+                (full.start(j), full.end(j), full.size(j)) == (s, e, listing.size(i)) for j in range(full.count)
+            )
+            assert mbox.same_content(changed, listing, i, fmt) == kept
+            first = min(run[0] % (i + 1), i)
+            after = i + 1 + run[1] % (listing.count - i)
+            froms = {full.from_offset(j) for j in range(full.count)} | {len(changed)}
+            inside = {x for x in froms if listing.from_offset(first) < x < listing.from_offset(after)}
+            listed = {listing.from_offset(k) for k in range(first + 1, after)}
+            ends = {full.end(j) for j in range(full.count)}
+            alone = inside == listed and listing.end(after - 1) in ends
+            assert mbox.only_listed_boundaries(changed, listing, first, after) == alone
+    finally:
+        limits.UID_HEADER_CAP = saved
+
+
+def test_content_proofs_see_a_same_length_body_edit():
+    """The index's residual: a body edited in place, same length: one more line (LIST size),
+    or a From_ line after an empty line (a message a full scan would list). Its header still
+    proves; its content does not."""
+    messages = [b"Subject: %d\n\nline one\nline two\n" % i for i in range(3)]
+    data = mbox_of(*messages)
+    listing = mbox.scan(data)
+    more_lines = data.replace(b"line one\nline two", b"line one\n\nine two", 1)
+    hidden = data.replace(b"line one\nline two", b"\nFrom x \nline two", 1)
+    for changed in (more_lines, hidden):
+        assert len(changed) == len(data)
+        assert _headers_hold(changed, listing) == 3
+        assert [mbox.same_content(changed, listing, i) for i in range(3)] == [False, True, True]
+    assert mbox.scan(hidden).count == 4
+    # Deleting messages 1 and 2 would delete the hidden one too; the size alone does not matter.
+    assert not mbox.only_listed_boundaries(hidden, listing, 0, 2)
+    assert mbox.only_listed_boundaries(hidden, listing, 1, 3)
+    assert mbox.only_listed_boundaries(more_lines, listing, 0, 3)
 
 
 def test_an_unimportable_hashlib_is_tried_once(monkeypatch):
