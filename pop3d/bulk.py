@@ -3,9 +3,10 @@ LF -> CRLF conversion and dot-stuffing of RETR (to_wire: both in one pass), taki
 headers MUAs rewrite out of a header block before its UID digest (strip_volatile), and proving
 that the messages an index lists are still where and what it says (check_headers).
 
-Each is a bulk CPython bytes method (or zlib.crc32) below. When the optional C extension ``pop3d._speedups`` is
-built (``pip install`` builds it if a C compiler is there; without one, pop3d runs the same on
-these), its versions replace them: same results, at memchr/memcpy speed instead of ~0.5-2.5 GB/s.
+Each is a bulk CPython bytes method (or zlib.crc32) below. When the optional C extension
+``pop3d._speedups`` is built (``pip install`` builds it if a C compiler is there; without one,
+pop3d runs the same on these), its versions replace them: same results, at memchr/memcpy speed
+instead of ~0.5-2.5 GB/s.
 ``ACCELERATED`` says which are in use; the tests check the two agree on random data.
 """
 
@@ -125,7 +126,8 @@ def py_check_headers(
     if width not in (4, 8):
         raise ValueError("width must be 4 or 8")
     offsets = memoryview(ends).cast("B").cast("I" if width == 4 else "Q")
-    if not 0 <= first <= stop <= len(records) // RECORD or (stop and (stop - 1 > len(offsets) or stop - 1 > len(seplen))):
+    too_short = stop and (stop - 1 > len(offsets) or stop - 1 > len(seplen))
+    if not 0 <= first <= stop <= len(records) // RECORD or too_short:
         raise ValueError("first and stop must be 0 <= first <= stop <= messages")
     n = len(buf)
     for i in range(first, stop):

@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 _MAGIC = b"pop3didx"
 # 2: each message's header check in its digest record; no check of a stretch of the spool.
 _VERSION = 2
-# magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, number of parts, kind length,
-# spool path length
-_HEADER = struct.Struct("<8sIIQQQqqIHH")
+# magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, unproved, number of parts, kind
+# length, spool path length
+_HEADER = struct.Struct("<8sIIQQQqqQIHH")
 _PART = struct.Struct("<c7xQ")  # typecode ("B": a bytearray), then the part's length in octets
 _BIG_ENDIAN = 1  # flag: the arrays were written by a big-endian host
 _MAX_PARTS = 16
@@ -46,7 +46,7 @@ _READ = 1 << 20  # a part is read this much at a time (a multiple of every item 
 class Record:
     """One spool's listing arrays as a scan left them, and the spool's state at that scan."""
 
-    __slots__ = ("kind", "parts", "spool", "state")
+    __slots__ = ("kind", "parts", "spool", "state", "unproved")
 
     def __init__(
         self,
@@ -54,11 +54,15 @@ class Record:
         spool: str,
         state: tuple[int, int, int, int, int],
         parts: Sequence[array | bytearray],
+        unproved: int = 0,
     ) -> None:
         self.kind = kind  # what produced the arrays (scanner version, mbox format): must match
         self.spool = spool
         self.state = state  # the spool's (dev, ino, size, mtime_ns, ctime_ns): see `state`
         self.parts = list(parts)
+        # How many of the first entries the arrays describe were taken on trust, not scanned:
+        # the maildrop proves them before use (docs/DATA-SAFETY.md, "What it trusts").
+        self.unproved = unproved
 
 
 def state(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -241,6 +245,7 @@ def _serialize(record: Record) -> list[bytes | array | bytearray]:
             _VERSION,
             _flags(),
             *record.state,
+            record.unproved,
             len(record.parts),
             len(kind),
             len(spool),
@@ -278,7 +283,9 @@ def _decode(read: Callable[[int], bytes], total: int) -> Record:
     head = read(_HEADER.size)
     if len(head) < _HEADER.size:
         raise ValueError("truncated")
-    (magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, nparts, kind_len, spool_len) = _HEADER.unpack(head)
+    (magic, version, flags, dev, ino, size, mtime_ns, ctime_ns, unproved, nparts, kind_len, spool_len) = (
+        _HEADER.unpack(head)
+    )
     if magic != _MAGIC:
         raise ValueError("not a pop3d index")
     if version != _VERSION or flags != _flags():
@@ -317,4 +324,4 @@ def _decode(read: Callable[[int], bytes], total: int) -> Record:
     stored = read(4)
     if len(stored) != 4 or checksum != struct.unpack("<I", stored)[0]:
         raise ValueError("checksum mismatch (damaged)")
-    return Record(kind, spool, (dev, ino, size, mtime_ns, ctime_ns), parts)
+    return Record(kind, spool, (dev, ino, size, mtime_ns, ctime_ns), parts, unproved)

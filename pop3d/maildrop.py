@@ -604,7 +604,11 @@ class Maildrop:
                 "update aborted, nothing written"
             ) from None
         if self._index:
-            _index_after_update(self._index, self.path, fd, listing, order, self._fmt, self._log, written)
+            indexed = min(self._indexed, count)
+            unproved = indexed - sum(1 for i in order if i < indexed)  # kept: still unproved
+            _index_after_update(
+                self._index, self.path, fd, listing, order, self._fmt, self._log, written, unproved
+            )
 
     def _relock(self) -> os.stat_result:
         """Brief MDA locks: take them again for the update (an MDA holding them a moment is
@@ -929,7 +933,7 @@ def _indexed_scan(
             return listing, 0, indexed
     scanned = len(buf) - start
     if _settled(now, st.st_ctime_ns):
-        _save_index(index_file, kind, path, index.state(st), listing, log)
+        _save_index(index_file, kind, path, index.state(st), listing, log, indexed)
     return listing, scanned, indexed
 
 
@@ -962,8 +966,9 @@ def _proved(
     last = prior.count - 1
     if state == record.state:
         # Not written since (the ctime says so); the last message's header, as a cheap belt.
+        # What the record took on trust when it was made is still to be proved before use.
         if _headers_changed(buf, prior, last, last + 1) == last + 1:
-            return prior, -1, prior.count
+            return prior, -1, min(record.unproved, prior.count)
         log(f"index {index_file}: the spool's bytes differ from what it recorded; scanning")
         return None
     changed = _headers_changed(buf, prior, 0, last)
@@ -980,10 +985,13 @@ def _save_index(
     state: tuple[int, int, int, int, int],
     listing: Listing,
     log: Callable[[str], None],
+    unproved: int,
 ) -> None:
+    """`unproved`: how many of the listing's first messages were taken from a record, their
+    content not proved (Maildrop._indexed): the next session proves them before use too."""
     from . import index
 
-    index.save(index_file, index.Record(kind, path, state, listing.parts()), log)
+    index.save(index_file, index.Record(kind, path, state, listing.parts(), unproved), log)
 
 
 def _drop_index(md: Maildrop, why: str) -> None:
@@ -1047,11 +1055,14 @@ def _index_after_update(
     fmt: str,
     log: Callable[[str], None],
     written: bool,
+    unproved: int,
 ) -> None:
     """After our own update, under the locks: the record of the spool as it now is, from the
     old listing without the deleted messages (moved down), the last one rescanned. `written`:
     another program wrote to the spool during the session (brief MDA locks): the kept messages
-    then prove their headers at their new offsets first. Waits up to INDEX_SETTLE_WAIT for the
+    then prove their headers at their new offsets first, and their content is left to prove
+    (`unproved`: how many of the kept messages came unproved from the record, kept so, at the
+    start: deletion keeps the order). Waits up to INDEX_SETTLE_WAIT for the
     clock to pass the update's ctime; never fails the update."""
     from . import index, mbox
 
@@ -1071,8 +1082,10 @@ def _index_after_update(
             buf = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         try:
             last = max(kept.count - 1, 0)
-            if written and kept.count and (
-                _headers_changed(buf, kept, 0, last) < last or not _from_line_holds(buf, kept, last)
+            if (
+                written
+                and kept.count
+                and (_headers_changed(buf, kept, 0, last) < last or not _from_line_holds(buf, kept, last))
             ):
                 log(f"index {index_file}: rewritten during the session; dropped, the next session scans")
                 try:
@@ -1080,8 +1093,10 @@ def _index_after_update(
                 except FileNotFoundError:
                     pass
                 return
+            if written:
+                unproved = max(unproved, last)
             fresh = mbox.resume(buf, kept, last, fmt)
-            _save_index(index_file, _index_kind(fmt), path, index.state(st), fresh, log)
+            _save_index(index_file, _index_kind(fmt), path, index.state(st), fresh, log, unproved)
         finally:
             if isinstance(buf, mmap.mmap):
                 buf.close()

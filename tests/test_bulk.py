@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import mmap
-from array import array
 import os
 import sys
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -220,7 +220,11 @@ def _headers_args(data: bytes) -> tuple:
 
 @needs_c
 @settings(max_examples=1500, deadline=None)
-@given(data=spools, edit=st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=3)), span=st.integers(0, 3))
+@given(
+    data=spools,
+    edit=st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=3)),
+    span=st.integers(0, 3),
+)
 def test_check_headers_agrees_and_proves_a_scan(data, edit, span):
     """On the spool a listing was scanned from, every message holds; after an edit in place
     (any length), both versions find the same first message that no longer holds."""
@@ -259,12 +263,14 @@ def test_check_headers_finds_a_permutation_and_a_moved_boundary():
 @needs_c
 def test_check_headers_takes_only_read_only_buffers_and_bounds_its_inputs(tmp_path):
     data = b"From a\nS: 1\n\nx\n\nFrom b\nS: 2\n\ny\n"
-    listing, (ends, width, seplen, records) = _headers_args(data)
+    _, (ends, width, seplen, records) = _headers_args(data)
     path = tmp_path / "m"
     path.write_bytes(data)
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as writable, mmap.mmap(
-        f.fileno(), 0, access=mmap.ACCESS_READ
-    ) as readable:
+    with (
+        open(path, "r+b") as f,
+        mmap.mmap(f.fileno(), 0) as writable,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as readable,
+    ):
         assert _speedups.check_headers(readable, ends, width, seplen, records, 0, 2) == 2
         for bad in (bytearray(data), writable, memoryview(bytearray(data))):
             with pytest.raises(TypeError, match="read-only"):
@@ -281,7 +287,8 @@ def test_check_headers_takes_only_read_only_buffers_and_bounds_its_inputs(tmp_pa
             check(data, ends, 2, seplen, records, 0, 2)
         # A record claiming a block longer than the buffer, or offsets past it: not held, no read beyond.
         long = bytearray(records)
-        long[bulk.RECORD + bulk.CHECK_AT : bulk.RECORD + bulk.CHECK_AT + 4] = (bulk.CHECK_LENGTH).to_bytes(4, "little")
+        word = bulk.RECORD + bulk.CHECK_AT
+        long[word : word + 4] = bulk.CHECK_LENGTH.to_bytes(4, "little")
         assert check(data, ends, width, seplen, bytes(long), 0, 2) == 1
         far = array("I" if width == 4 else "Q", [2**31]).tobytes()
         assert check(data, far, width, seplen, records, 0, 2) == 1

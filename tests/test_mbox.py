@@ -877,7 +877,8 @@ def _headers_hold(data: bytes, listing: mbox.Listing) -> int:
     from pop3d import bulk
 
     _, ends, _, seplen, records = listing.parts()
-    return bulk.check_headers(data, ends.tobytes(), ends.itemsize, bytes(seplen), bytes(records), 0, listing.count)
+    offsets = ends.tobytes()
+    return bulk.check_headers(data, offsets, ends.itemsize, bytes(seplen), bytes(records), 0, listing.count)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -890,7 +891,9 @@ def _headers_hold(data: bytes, listing: mbox.Listing) -> int:
     edit=st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=4)),
     run=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)),
 )
-def test_property_content_proofs_say_what_a_full_scan_finds(content, fmt, scan_window, cap, parallel, edit, run):
+def test_property_content_proofs_say_what_a_full_scan_finds(
+    content, fmt, scan_window, cap, parallel, edit, run
+):
     """Every message of an unchanged spool proves its header check (whatever the windows, the
     cap or the split: the same records as a plain scan) and its content. After a same-length
     edit inside a message's content, same_content says whether a full scan still finds that
@@ -917,7 +920,8 @@ def test_property_content_proofs_say_what_a_full_scan_finds(content, fmt, scan_w
             changed = data[:at] + text + data[at + len(text) :]
             full = mbox.scan(changed, fmt)
             kept = any(
-                (full.start(j), full.end(j), full.size(j)) == (s, e, listing.size(i)) for j in range(full.count)
+                (full.start(j), full.end(j), full.size(j)) == (s, e, listing.size(i))
+                for j in range(full.count)
             )
             assert mbox.same_content(changed, listing, i, fmt) == kept
             first = min(run[0] % (i + 1), i)
