@@ -513,6 +513,19 @@ def _end_holds(buf: Buffer, listing: Listing, index: int) -> bool:
     return e == n
 
 
+def _window(buf: Buffer, lo: int, end: int, w: int) -> tuple[int, bool]:
+    """The end of the scan window from `lo` (at most `w` octets, not past `end`), and whether
+    it ends a line: cut right after its last LF, so that no CR LF pair and no quoted From line
+    straddles two windows; a line longer than the window is cut (never after a CR)."""
+    hi = lo + w
+    if hi >= end:
+        return end, True
+    k = buf.rfind(b"\n", lo, hi)
+    if k >= 0:
+        return k + 1, True
+    return (hi - 1 if buf[hi - 1] == 13 else hi), False
+
+
 def _recount(
     buf: Buffer, s: int, e: int, rd: bool, release: Callable[[int, int], None] | None
 ) -> tuple[int, list[int]]:
@@ -525,18 +538,7 @@ def _recount(
     found: list[int] = []
     lo = released = s
     while lo < e:
-        hi = lo + w
-        lined = True
-        if hi >= e:
-            hi = e
-        else:
-            k = buf.rfind(b"\n", lo, hi)
-            if k >= 0:
-                hi = k + 1
-            else:
-                lined = False
-                if buf[hi - 1] == 13:
-                    hi -= 1
+        hi, lined = _window(buf, lo, e, w)
         base = lo - 2 if lo - 2 > s - 1 else s - 1  # look-behind, from the From_ line's LF on
         chunk = buf[base : hi + 5 if hi + 5 < e else e]  # look-ahead for "From " after a LF
         a, b = lo - base, hi - base
@@ -832,20 +834,7 @@ def _scan_range(buf: Buffer, start: int, n: int, rd: bool) -> _Parts:
     released = start
     lo = start
     while lo < n:
-        # Window [lo, hi): cut right after its last LF, so no CRLF pair and no quoted From line
-        # straddles two windows; a line longer than the window is cut (never after a CR).
-        hi = lo + w
-        lined = True
-        if hi >= n:
-            hi = n
-        else:
-            k = buf.rfind(b"\n", lo, hi)
-            if k >= 0:
-                hi = k + 1
-            else:
-                lined = False
-                if buf[hi - 1] == 13:
-                    hi -= 1
+        hi, lined = _window(buf, lo, n, w)
         base = lo - 2 if lo >= 2 else 0  # two octets of look-behind for "\n\r\nFrom "
         chunk = buf[base : hi + 5 if hi + 5 < n else n]  # look-ahead for "From " after a LF at hi - 1
         a = lo - base
