@@ -878,15 +878,11 @@ class IndexMachine(RuleBasedStateMachine):
     def pop3d_update(self, data: st.DataObject, brief: bool, mail: list[bytes]) -> None:
         """A session that deletes some messages; with mda_locks = brief, an MDA may deliver
         `mail` between its scan and its update (which keeps it, and indexes it)."""
-        want = expected(self.path)
         with as_account(self.env):
-            try:
-                md = self.open("brief" if brief else "session")
-            except maildrop.MaildropFormatError:
-                assert want == "not an mbox"
+            md = self.checked_session(brief)
+            if md is None:
                 return
             with md:
-                assert served(md) == want
                 deleted = data.draw(st.sets(st.integers(0, max(md.listing.count - 1, 0))))
                 if brief and mail:
                     self.deliver(mail)
@@ -1032,18 +1028,29 @@ class IndexMachine(RuleBasedStateMachine):
         elif IS_ROOT:
             os.chown(target, 0, 0)
 
+    def checked_session(self, brief: bool) -> maildrop.Maildrop | None:
+        """A session's open (as the account), its answers checked against a full scan of the
+        spool; None if the spool is not an mbox (and a full scan says so too)."""
+        want = expected(self.path)
+        try:
+            md = self.open("brief" if brief else "session")
+        except maildrop.MaildropFormatError:
+            assert want == "not an mbox"
+            return None
+        try:
+            assert served(md) == want
+        except BaseException:
+            md.close()
+            raise
+        return md
+
     @rule(brief=st.booleans())
     def poll(self, brief: bool) -> None:
         """A session answers what a full scan of the spool answers."""
-        want = expected(self.path)
         with as_account(self.env):
-            try:
-                md = self.open("brief" if brief else "session")
-            except maildrop.MaildropFormatError:
-                assert want == "not an mbox"
-                return
-            with md:
-                assert served(md) == want
+            md = self.checked_session(brief)
+            if md is not None:
+                md.close()
 
     def teardown(self) -> None:
         self.poll(False)
