@@ -293,9 +293,12 @@ class Maildrop:
                 private.release()
             raise
         md._session_lock = private
+        if mda_locks == "brief" or index:
+            # The state the update compares with: written since the scan, or not (a program that
+            # takes the locks in brief mode; one that ignores them in session mode).
+            md._quiet = md._scanned_state()
         if mda_locks == "brief":
             md._brief = True
-            md._quiet = md._scanned_state()
             md._lock.release()  # an MDA may deliver from now on
             md._lock.timeout = float(lock_timeout)  # the update waits this long for them
             fresh, md._fresh_fd = md._fresh_fd, -1
@@ -580,12 +583,17 @@ class Maildrop:
                 if after < count:
                     boundaries.append(listing.from_offset(after))
         size = self._check_unchanged(boundaries, fresh)
-        # Brief locks: another program wrote during the session (what the fresh index proves).
-        written = fresh is not None and (self._quiet is None or _state(fresh) != self._quiet)
+        # Another program wrote during the session: one that takes the locks (brief mode: they
+        # were free) or one that ignores them. What it wrote is not taken on trust: the deleted
+        # messages hold no message but the listed ones, and the index left behind proves the
+        # kept ones' headers and leaves their content to prove.
+        written = (self._brief or self._index is not None) and (
+            self._quiet is None or _state(fresh if fresh is not None else os.fstat(fd)) != self._quiet
+        )
         if fresh is not None:
             self._check_deleted(order, fresh)
-        if self._indexed:
-            _prove_deleted(self, order)
+        if self._indexed or written:
+            _prove_deleted(self, order, written)
         length = self._length
         if size > length:  # appended after the scan: delivered (brief) or by a writer ignoring locks
             if not self._brief:
@@ -1023,15 +1031,16 @@ def _prove_content(md: Maildrop, index: int) -> None:
     )
 
 
-def _prove_deleted(md: Maildrop, order: Sequence[int]) -> None:
+def _prove_deleted(md: Maildrop, order: Sequence[int], written: bool = False) -> None:
     """Before the update, under the locks: no run of deleted messages that the record listed
-    holds another message (a From_ line written into a body: mbox.only_listed_boundaries),
-    else MaildropTempError (nothing deleted) and no index."""
+    (all of them if another program `written` during the session: a proof made at RETR may be
+    out of date) holds another message (a From_ line written into a body:
+    mbox.only_listed_boundaries), else MaildropTempError (nothing deleted) and no index."""
     from . import mbox
 
     runs: list[list[int]] = []
     for index in order:
-        if index >= md._indexed or index in md._content_proved:
+        if not written and (index >= md._indexed or index in md._content_proved):
             continue
         if runs and runs[-1][1] == index:
             runs[-1][1] += 1
@@ -1042,7 +1051,7 @@ def _prove_deleted(md: Maildrop, order: Sequence[int]) -> None:
             _drop_index(md, f"messages {first + 1}-{after} hold a message it did not list")
             raise MaildropTempError(
                 f"{md.path}: a message was written into message {first + 1}..{after} in place since "
-                "it was indexed; update aborted, nothing deleted"
+                "it was listed; update aborted, nothing deleted"
             )
 
 

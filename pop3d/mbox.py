@@ -641,8 +641,9 @@ def resume(
     rd = _is_rd(fmt)
     n = len(buf)
     start = prior.from_offset(keep) if prior is not None and keep > 0 else 0
-    if not n:
-        return Listing(array("Q"), array("Q"), array("Q"), bytearray(), bytearray(), {}, 0)
+    if not n:  # the typecodes from_parts expects of an empty spool: its record then loads
+        offsets, sizes = _typecodes(0)
+        return Listing(array(offsets), array(offsets), array(sizes), bytearray(), bytearray(), {}, 0)
     if start >= n or buf[start : start + 5] != b"From ":
         raise MboxFormatError("not an mbox spool: no From_ line at the start")
     _sha256_for(n - start)  # hashlib, if it is to be, imported once: before the fork below

@@ -365,6 +365,44 @@ def test_what_the_index_took_on_trust_is_still_proved_sessions_later(tmp_path: P
     assert index.load(str(spool.index), print).unproved == 0
 
 
+def test_a_lock_ignoring_write_during_a_session_is_not_indexed_as_proved(tmp_path: Path) -> None:
+    """A program ignoring the locks writes a message into message 2's body (same length) during
+    a session that deletes message 4: the index that session leaves must not vouch for message
+    2's content, so a later DELE 2 does not take the hidden message with it (review 2,
+    finding 1)."""
+    spool = Spool(tmp_path)
+    spool.write(A + B + REST)
+    spool.session()
+    with spool.open() as md:
+        hidden = B.replace(b"b" * 30, b"\nFrom y Mon Jan 1\nSubject: Z\n\n", 1)
+        fd = os.open(spool.path, os.O_WRONLY)
+        os.pwrite(fd, hidden, len(A))  # no locks taken
+        os.close(fd)
+        md.commit({3})
+    settle(spool.path)
+    assert index.load(str(spool.index), print).unproved >= 1
+    before = spool.path.read_bytes()
+    assert before == A + hidden + C
+    with spool.open() as md, pytest.raises(maildrop.MaildropTempError, match="nothing deleted"):
+        md.commit({1})
+    assert spool.path.read_bytes() == before
+    assert spool.session() == len(before)  # the index went: a full scan, which lists 4 messages
+    assert mbox.scan(before).count == 4
+
+
+def test_an_empty_spools_record_is_used(tmp_path: Path) -> None:
+    """Every message deleted: the record pop3d's update leaves for the empty spool loads, and
+    the next session neither scans nor logs a broken record (review 2, finding 5)."""
+    spool = Spool(tmp_path)
+    spool.write(A + B)
+    spool.session((0, 1))
+    assert spool.path.stat().st_size == 0
+    settle(spool.path)
+    spool.log.clear()
+    assert spool.session() == 0
+    assert not any("ValueError" in line or "ignored" in line for line in spool.log), spool.log
+
+
 def test_a_message_written_into_a_body_is_never_deleted_with_it(tmp_path: Path) -> None:
     """The same, with an empty line and a From_ line written into A's body: a full scan lists
     one more message there. Deleting A must not delete it: the update is refused, nothing is

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, Pop3Env, mbox_bytes, recv_until, sample_messages, wire_form
 
+from pop3d import mbox
+
 DOTLOCKFILE = shutil.which("dotlockfile")
 PROCMAIL = shutil.which("procmail")
 needs_dotlockfile = pytest.mark.skipif(
@@ -221,6 +223,33 @@ def test_quit_after_a_permuting_rewrite_deletes_nothing(brief: Pop3Env) -> None:
         client.quit()
     assert client.proc.wait(timeout=20) == 0
     assert spool.read_bytes() == permuted
+    assert sorted(os.listdir(spool.parent)) == ["alice"]
+
+
+@needs_dotlockfile
+@pytest.mark.parametrize("retrieved", [False, True])
+def test_quit_never_deletes_a_message_written_into_a_deleted_body(brief: Pop3Env, retrieved: bool) -> None:
+    """A program that takes the locks writes an empty line and a From_ line into message 2's
+    body (same length) during the session: a full scan now lists a message there that the
+    client never saw. DELE 2 + QUIT must not delete it with message 2 (review 2, finding 4),
+    whether or not message 2 was retrieved before the write."""
+    messages = equal_messages(3)
+    spool = brief.write_spool(mbox_bytes(messages))
+    client = login(brief)
+    if retrieved:
+        retr(client, 2)
+    client.dele(2)
+    data = spool.read_bytes()
+    at = data.index(b"message 001 line 00020")
+    hidden = b"\n\nFrom z@example.org Mon Jan  1 00:00:00 2024\n\n"
+    under_the_locks(spool, lambda fd: os.pwrite(fd, hidden, at - 1))
+    written = spool.read_bytes()
+    assert len(written) == len(data) and mbox.scan(written).count == 4
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+        client.quit()
+    assert client.proc.wait(timeout=20) == 0
+    assert spool.read_bytes() == written  # nothing deleted
+    assert "a message was written into message 2" in brief.log_text()
     assert sorted(os.listdir(spool.parent)) == ["alice"]
 
 
