@@ -268,6 +268,9 @@ def stop_signals() -> set[int]:
     return {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
+_stopping = False  # a stop signal has raised SessionEnd in this process: later ones do nothing
+
+
 def install_signal_handlers() -> None:
     """SIGTERM, SIGHUP, SIGINT end the session without update; locks are released on the way out.
 
@@ -275,10 +278,19 @@ def install_signal_handlers() -> None:
     one raises; the rest are ignored (ignore_stop_signals): `systemctl stop` signals every
     process of the unit and the listener passes it on too, and a second SessionEnd raised
     inside the clean-up would skip the release of the locks.
+
+    A signal that comes while the handler runs must not run it again: signal.signal() first
+    runs the handlers of the signals already pending, so under a steady stream of signals the
+    handler re-entered itself from its own ignore_stop_signals, one level per signal, until a
+    RecursionError, and a sender that kept on kept the session alive for ever (seen in CI).
     """
     signal = signal_module()
 
     def stop(signum: int, frame: object) -> None:
+        global _stopping
+        if _stopping:
+            return  # re-entered from ignore_stop_signals below, or a late one: already ending
+        _stopping = True
         ignore_stop_signals()
         raise SessionEnd("signal")
 
